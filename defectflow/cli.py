@@ -1,0 +1,84 @@
+"""``defectflow`` command line: demo data, parameter check, run summary.
+
+    defectflow demo [--size tiny|small] [--out DIR]   write the synthetic demo videos
+    defectflow check [params.yaml]                    validate parameters
+    defectflow summary                                where the report and metrics are
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from defectflow import layout
+from defectflow.config import load_params
+from defectflow.errors import DefectflowError
+
+
+def _demo(args) -> int:
+    from defectflow.sources import demo
+
+    params = load_params(args.params)
+    if args.out is None and params.source.kind != "demo":
+        print(f"source.kind is '{params.source.kind}': no demo data needed")
+        return 0
+    out = Path(args.out or params.source.path)
+    size = args.size or params.source.demo_size
+    info_file = out / "demo.json"
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        if info.get("size") == size and info.get("seed") == params.seed:
+            print(f"demo data ({size}) already in {out}")
+            return 0
+    info = demo.generate(out, size=size, seed=params.seed)
+    print(f"wrote demo data ({size}) to {out}")
+    return 0
+
+
+def _check(args) -> int:
+    load_params(args.params)
+    print(f"{args.params}: ok")
+    return 0
+
+
+def _summary(args) -> int:
+    metrics = layout.REPORTS / "metrics.json"
+    if not metrics.is_file():
+        print("no metrics yet: run `make run` (or `dvc repro`)")
+        return 1
+    m = json.loads(metrics.read_text())
+    keys = ("image_auroc", "accuracy", "f1", "product_accuracy")
+    shown = ", ".join(f"{k}={m[k]:.3f}" for k in keys if isinstance(m.get(k), (int, float)))
+    print(f"metrics: {metrics}  ({shown})")
+    print(f"report:  {layout.REPORTS / 'report.html'}")
+    print(f"verdicts per product: {layout.REPORTS / 'verdicts.parquet'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(prog="defectflow", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("demo", help="write the synthetic demo videos")
+    p.add_argument("--size", choices=["tiny", "small"])
+    p.add_argument("--out")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(fn=_demo)
+    p = sub.add_parser("check", help="validate params.yaml")
+    p.add_argument("params", nargs="?", default="params.yaml")
+    p.set_defaults(fn=_check)
+    p = sub.add_parser("summary", help="where the report and metrics are")
+    p.set_defaults(fn=_summary)
+    args = ap.parse_args(argv)
+    try:
+        return args.fn(args)
+    except DefectflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""A folder of real (or demo) videos: ``videos.csv`` + optional ``passes.csv``, validated.
+
+``videos.csv``: ``video,camera,run,split`` (+ optional ``label`` for every pass of the video);
+``video`` is a path relative to the folder. ``passes.csv`` (optional):
+``run,pass_index,product_id,label,defect_type,split,defect_cameras``. See ARCHITECTURE.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from defectflow.errors import DefectflowError
+from defectflow.manifest import LABELS, SPLITS
+
+VIDEO_COLUMNS = ("video", "camera", "run", "split")
+PASS_COLUMNS = ("run", "pass_index", "product_id", "label", "defect_type", "split", "defect_cameras")
+
+
+class VideoSourceError(DefectflowError):
+    """A videos folder, its CSV files or a listed video is missing or invalid."""
+
+
+class VideoReadError(DefectflowError):
+    """A video file cannot be opened or is truncated."""
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    """Read a CSV as stripped strings (empty cells -> ""), checking its required columns."""
+    if not path.is_file():
+        raise VideoSourceError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise VideoSourceError(f"{path}: not a readable CSV file: {err}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise VideoSourceError(f"{path}: missing column(s) {missing}; expected {list(required)}")
+    for col in df.columns:
+        df[col] = df[col].astype(str).str.strip()
+    return df
+
+
+def _check_values(df: pd.DataFrame, path: Path, col: str, allowed: tuple[str, ...], allow_empty=False) -> None:
+    values = set(df[col])
+    if allow_empty:
+        values.discard("")
+    bad = sorted(values - set(allowed))
+    if bad:
+        rows = [i + 2 for i in df.index[df[col].isin(bad)][:5]]
+        raise VideoSourceError(f"{path}: column '{col}' has invalid value(s) {bad} (line(s) {rows}); "
+                               f"allowed {list(allowed)}")
+
+
+def _check_filled(df: pd.DataFrame, path: Path, cols) -> None:
+    for col in cols:
+        empty = df.index[df[col] == ""]
+        if len(empty):
+            raise VideoSourceError(f"{path}: column '{col}' is empty on line(s) {[i + 2 for i in empty[:5]]}")
+
+
+def load_videos(folder: Path | str) -> pd.DataFrame:
+    """Read ``folder/videos.csv``; return ``video,camera,run,split,label,path`` (one row per video).
+
+    ``label`` is "" where not given; ``path`` is ``folder/video`` (posix). Raises VideoSourceError
+    naming the file for a missing file or column, bad split/label values, duplicate videos or
+    (run, camera) pairs, and listed videos that do not exist.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VideoSourceError(f"{folder}: videos folder not found")
+    path = folder / "videos.csv"
+    df = _read_csv(path, VIDEO_COLUMNS)
+    if df.empty:
+        raise VideoSourceError(f"{path}: lists no videos")
+    if "label" not in df.columns:
+        df["label"] = ""
+    _check_filled(df, path, VIDEO_COLUMNS)
+    _check_values(df, path, "split", SPLITS)
+    _check_values(df, path, "label", LABELS, allow_empty=True)
+    for cols in (["video"], ["run", "camera"]):
+        dup = df[df.duplicated(cols, keep=False)]
+        if len(dup):
+            raise VideoSourceError(f"{path}: duplicate {'/'.join(cols)}: {dup[cols].iloc[0].tolist()}")
+    df["path"] = [(folder / v).as_posix() for v in df["video"]]
+    missing = [p for p in df["path"] if not Path(p).is_file()]
+    if missing:
+        raise VideoSourceError(f"{path}: {len(missing)} listed video(s) not found, e.g. {missing[0]}")
+    return df[[*VIDEO_COLUMNS, "label", "path"]].reset_index(drop=True)
+
+
+def load_passes(folder: Path | str) -> pd.DataFrame | None:
+    """Read ``folder/passes.csv`` if present (else None); ``pass_index`` as int, empty cells as "".
+
+    Raises VideoSourceError naming the file for missing columns, bad values, duplicate
+    (run, pass_index) or product ids.
+    """
+    path = Path(folder) / "passes.csv"
+    if not path.exists():
+        return None
+    df = _read_csv(path, PASS_COLUMNS)
+    _check_filled(df, path, ("run", "pass_index", "product_id", "label", "split"))
+    _check_values(df, path, "split", SPLITS)
+    _check_values(df, path, "label", LABELS)
+    idx = pd.to_numeric(df["pass_index"], errors="coerce")
+    bad = df.index[idx.isna() | (idx < 0) | (idx != idx.round())]
+    if len(bad):
+        raise VideoSourceError(f"{path}: column 'pass_index' must be a whole number >= 0 "
+                               f"(line(s) {[i + 2 for i in bad[:5]]})")
+    df["pass_index"] = idx.astype("int64")
+    for cols in (["run", "pass_index"], ["product_id"]):
+        dup = df[df.duplicated(cols, keep=False)]
+        if len(dup):
+            raise VideoSourceError(f"{path}: duplicate {'/'.join(cols)}: {dup[cols].iloc[0].tolist()}")
+    return df[list(PASS_COLUMNS)].reset_index(drop=True)
+
+
+def defect_cameras(value: str) -> list[str]:
+    """Split a ``defect_cameras`` cell (``;``-joined) into camera names."""
+    return [c.strip() for c in str(value).split(";") if c.strip()]
+
+
+def camera_label(pass_row, camera: str) -> tuple[str, str | None]:
+    """(label, defect_type) of one camera's view of a product row of passes.csv.
+
+    A defective product is ``defect`` only for cameras in its defect_cameras (all cameras when
+    that cell is empty); the other cameras see a ``good`` product (defect_type None).
+    """
+    label = pass_row["label"]
+    if label != "defect":
+        return label, None
+    cams = defect_cameras(pass_row["defect_cameras"])
+    if cams and camera not in cams:
+        return "good", None
+    return "defect", pass_row["defect_type"] or None

@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from defectflow.config import ParamsError, load_params, params_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_project_params_load_with_expected_defaults():
+    p = load_params(ROOT / "params.yaml")
+    assert p.masks.shrink == pytest.approx(0.10)
+    assert p.train.backbone == "efficientnet_lite0"
+    assert p.threshold.method == "target_tpr"
+    assert p.synth.enabled is False
+
+
+def test_unknown_key_names_the_key(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("train:\n  hiden: 512\n")
+    with pytest.raises(ParamsError) as err:
+        load_params(f)
+    assert "train.hiden" in str(err.value) and "unknown key" in str(err.value)
+    assert str(f) in str(err.value)
+
+
+def test_out_of_range_value_names_key_and_range(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("masks:\n  shrink: 1.5\n")
+    with pytest.raises(ParamsError) as err:
+        load_params(f)
+    msg = str(err.value)
+    assert "masks.shrink" in msg and "0.9" in msg and "1.5" in msg
+
+
+def test_bad_choice_lists_the_allowed_values():
+    with pytest.raises(ParamsError) as err:
+        params_from_dict({"source": {"kind": "camera"}})
+    assert "source.kind" in str(err.value) and "'images'" in str(err.value)
+
+
+def test_region_must_be_ordered():
+    with pytest.raises(ParamsError, match="region"):
+        params_from_dict({"frames": {"region": [0.8, 0.0, 0.2, 1.0]}})
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ParamsError, match="mapping"):
+        load_params(listy)
