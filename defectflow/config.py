@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ParamsError(DefectflowError):
@@ -124,11 +124,12 @@ class NightlyParams(_Strict):
     cron: str = Field("0 2 * * *", description="when the nightly retrain runs (cron, server time zone)")
     timezone: str = "UTC"
 
-    @model_validator(mode="after")
-    def _cron_ok(self):
-        if len(self.cron.split()) != 5:
-            raise ValueError(f"cron must have 5 fields (minute hour day month weekday), got {self.cron!r}")
-        return self
+    @field_validator("cron")
+    @classmethod
+    def _cron_ok(cls, cron: str) -> str:
+        if len(cron.split()) != 5:
+            raise ValueError("cron must have 5 fields (minute hour day month weekday)")
+        return cron
 
 
 class Params(_Strict):

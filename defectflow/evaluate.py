@@ -25,7 +25,7 @@ from defectflow.config import Params
 from defectflow.errors import DefectflowError
 from defectflow.manifest import SCORES, SYNTH, VERDICTS, read_manifest, write_manifest
 from defectflow.report import hist_plot, roc_plot, write_report
-from defectflow.scoring import load_model, product_verdicts, score_items, select_rows
+from defectflow.scoring import judge, select_rows
 from defectflow.stage import StageReport, logger, manifest_path, stage_run
 
 log = logger("evaluate")
@@ -142,25 +142,22 @@ def histogram_table(scores, labels, threshold: float | None = None, bins: int = 
 
 
 def run(params: Params, inp: Path, model_dir: Path, threshold_path: Path, out_dir: Path) -> StageReport:
-    src = manifest_path(inp)
-    df = read_manifest(src, SYNTH)
-    thr_info = read_threshold(threshold_path)
-    threshold = float(thr_info["threshold"])
-    test = select_rows(df, "test")
-    model = load_model(model_dir)
-    scored = score_items(test, model_dir, params, model=model, progress=True)
-    scored["pred_defect"] = scored["score"] >= threshold
-    verdicts = product_verdicts(scored, threshold)
-    metrics = image_metrics(scored["score"], scored["label"], scored["defect_type"], threshold)
-    metrics.update(product_metrics(verdicts))
-    metrics["threshold_method"] = thr_info.get("method_used")
-    if test.empty:
-        metrics["notes"].append("no test images (split=test, is_center)")
-    roc = roc_table(scored["score"], scored["label"])
-    hist = histogram_table(scored["score"], scored["label"], threshold)
-    op = (metrics["fpr"], metrics["recall"]) if metrics["fpr"] is not None and metrics["recall"] is not None else None
-
     with stage_run("evaluate", out_dir) as (out, report):
+        src = manifest_path(inp)
+        df = read_manifest(src, SYNTH)
+        thr_info = read_threshold(threshold_path)
+        threshold = float(thr_info["threshold"])
+        test = select_rows(df, "test")
+        scored, verdicts = judge(test, model_dir, params, threshold, progress=True)
+        metrics = image_metrics(scored["score"], scored["label"], scored["defect_type"], threshold)
+        metrics.update(product_metrics(verdicts))
+        metrics["threshold_method"] = thr_info.get("method_used")
+        if test.empty:
+            metrics["notes"].append("no test images (split=test, is_center)")
+        roc = roc_table(scored["score"], scored["label"])
+        hist = histogram_table(scored["score"], scored["label"], threshold)
+        op = (metrics["fpr"], metrics["recall"]) if metrics["fpr"] is not None and metrics["recall"] is not None else None
+
         files = {}
         for name in ("metrics.json", "roc.csv", "scores_hist.csv", "scores.parquet", "verdicts.parquet",
                      "roc.png", "scores_hist.png", "report.html"):

@@ -150,3 +150,11 @@ def product_verdicts(scores_df: pd.DataFrame, threshold: float) -> pd.DataFrame:
             "verdict": "defect" if flagged else "good",
         })
     return pd.DataFrame(rows, columns=VERDICTS.names)
+
+
+def judge(df: pd.DataFrame, model_dir: Path | str, params: Params, threshold: float, *,
+          model: LoadedModel | None = None, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score ``df``'s rows, mark ``pred_defect``, and decide per product: (scored rows, verdicts)."""
+    scored = score_items(df, model_dir, params, model=model, progress=progress)
+    scored["pred_defect"] = scored["score"] >= threshold
+    return scored, product_verdicts(scored, threshold)

@@ -16,18 +16,21 @@ quiet_environment()
 
 from prefect.schedules import Cron  # noqa: E402
 
-from defectflow.config import load_params  # noqa: E402
+from defectflow.config import Params, load_params  # noqa: E402
 from flows.retrain import retrain  # noqa: E402
+
+
+def schedule(params: Params) -> Cron:
+    """The nightly schedule from params (validated: five cron fields)."""
+    return Cron(params.nightly.cron, timezone=params.nightly.timezone)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    nightly = load_params(args.params).nightly
     retrain.with_options(name="nightly").serve(
-        name="nightly-retrain", schedule=Cron(nightly.cron, timezone=nightly.timezone),
-        parameters={"force": False},
+        name="nightly-retrain", schedule=schedule(load_params(args.params)), parameters={"force": False},
         description="Nightly retrain of defectflow on the good samples collected so far.")
     return 0
 

@@ -20,6 +20,7 @@ quiet_environment()
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from defectflow import layout, scoring  # noqa: E402
+from defectflow.evaluate import read_threshold  # noqa: E402
 from defectflow.config import load_params, params_from_dict  # noqa: E402
 from defectflow.manifest import ROI, SCORES, VERDICTS, read_manifest, write_manifest  # noqa: E402
 from defectflow.stage import manifest_path  # noqa: E402
@@ -32,14 +33,11 @@ from tasks.roi import roi_task  # noqa: E402
 @task(name="score-items")
 def score_task(params: dict, roi_dir: str, model_dir: str, threshold_file: str, out_dir: str) -> dict:
     """Score the centre view of every product/camera and decide per product."""
-    p = params_from_dict(params, "score params")
     df = read_manifest(manifest_path(roi_dir), ROI)
     df = df[df.is_center].reset_index(drop=True)
-    threshold = float(json.loads(Path(threshold_file).read_text())["threshold"])
-    scored = scoring.score_items(df, Path(model_dir), p)
-    scored["synthetic"] = False
-    scored["pred_defect"] = scored["score"] >= threshold
-    verdicts = scoring.product_verdicts(scored, threshold)
+    df["synthetic"] = False
+    threshold = float(read_threshold(Path(threshold_file))["threshold"])
+    scored, verdicts = scoring.judge(df, model_dir, params_from_dict(params, "score params"), threshold)
     out = Path(out_dir)
     write_manifest(scored, SCORES, out / "scores.parquet")
     write_manifest(verdicts, VERDICTS, out / "verdicts.parquet", meta={"threshold": threshold})
@@ -50,7 +48,7 @@ def score_task(params: dict, roi_dir: str, model_dir: str, threshold_file: str, 
 
 
 @flow(name="score", log_prints=True)
-def score(source: str, kind: str = "videos", out: str = "reports/score",
+def score(source: str, kind: str = "videos", out: str = "data/score",
           params_path: str = "params.yaml") -> dict:
     """New videos or images -> per-product verdicts with the current model."""
     base = load_params(params_path).model_dump(mode="json")
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", required=True, help="videos folder (videos.csv) or images folder")
     ap.add_argument("--kind", choices=["videos", "images", "demo"], default="videos")
-    ap.add_argument("--out", default="reports/score")
+    ap.add_argument("--out", default="data/score")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     result = score(args.source, args.kind, args.out, args.params)

@@ -62,6 +62,15 @@ def test_dag_end_to_end_on_tiny_demo(tmp_path):
         ran = {s for s in ("frames", "train", "threshold", "evaluate") if f"Running stage '{s}'" in out}
         assert ran == {"threshold", "evaluate"}
 
+        # score flow: the videos again, as new input -> one verdict per product, no retraining
+        model_mtime = (proj / "models/model/model.pt").stat().st_mtime
+        _run([sys.executable, "-m", "flows.score", "--source", "data/demo", "--kind", "demo",
+              "--out", "data/score"], proj, env)
+        scored = pd.read_parquet(proj / "data/score/verdicts.parquet")
+        n_products = len(pd.read_csv(proj / "data/demo/passes.csv"))
+        assert len(scored) == n_products and scored.n_cameras.eq(4).all()
+        assert (proj / "models/model/model.pt").stat().st_mtime == model_mtime
+
 
 def test_bad_params_stop_a_stage_with_the_key_named(tmp_path):
     proj = _project(tmp_path)
