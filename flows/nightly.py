@@ -1,6 +1,7 @@
 """Serve the retrain flow on the cron schedule of ``params.yaml`` (nightly.cron).
 
-    python -m flows.server --serve &                 # or point PREFECT_API_URL at the plant's server
+    python -m flows.server --serve &                 # UI + scheduler on :4200 (or use the plant's server)
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
     python -m flows.nightly                          # serves until stopped; runs show in the Prefect UI
 
 Ingesting new good samples, gating a new model and the model registry come with a later issue.

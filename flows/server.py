@@ -53,8 +53,12 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def prefect_server(home: Path | str = ".prefect", port: int | None = None,
-                   wait_s: float = 90.0) -> Iterator[str]:
-    """Yield the API URL of a healthy Prefect server, starting a local one if needed."""
+                   wait_s: float = 90.0, scheduler: bool = False) -> Iterator[str]:
+    """Yield the API URL of a healthy Prefect server, starting a local one if needed.
+
+    ``scheduler`` runs the server's scheduling services (needed by ``flows.nightly``);
+    a server for one ``dvc repro`` does without them and starts faster.
+    """
     quiet_environment()
     existing = os.environ.get("PREFECT_API_URL")
     if existing and healthy(existing):
@@ -68,7 +72,8 @@ def prefect_server(home: Path | str = ".prefect", port: int | None = None,
     log = open(home / "server.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port), "--analytics-off", "--no-scheduler", "--no-late-runs"],
+         "--port", str(port), "--analytics-off",
+         *([] if scheduler else ["--no-scheduler", "--no-late-runs"])],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + wait_s
@@ -97,7 +102,7 @@ def prefect_server(home: Path | str = ".prefect", port: int | None = None,
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--serve"]:
-        with prefect_server() as url:
+        with prefect_server(port=4200, scheduler=True) as url:
             print(f"Prefect server up: UI at {url.removesuffix('/api')}  (Ctrl-C to stop)", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
