@@ -25,6 +25,7 @@ run: demo  ## the whole DAG on the demo, each stage a Prefect flow on one local 
 	@$(PY) -m defectflow.cli summary
 
 test: setup
+	$(VENV)/bin/ruff check --select F,E9 defectflow flows tasks tests bench
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 ui: setup  ## a Prefect server with its UI, to watch runs

@@ -22,6 +22,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from defectflow.config import parse_sets  # noqa: E402
 from defectflow.scratch import copy_project  # noqa: E402
 from flows.server import prefect_server  # noqa: E402
 
@@ -39,13 +40,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="param override")
     ap.add_argument("--keep", help="run in this folder instead of a temp one")
     args = ap.parse_args()
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        value = yaml.safe_load(value)
-        if key == "source.path" and isinstance(value, str):
-            value = str(Path(value).resolve())
-        overrides[key] = value
+    overrides = parse_sets(args.set)
+    if isinstance(overrides.get("source.path"), str):
+        overrides["source.path"] = str(Path(overrides["source.path"]).resolve())
     work = Path(args.keep or tempfile.mkdtemp(prefix="defectflow-bench-"))
     proj = copy_project(work, overrides)
     src = yaml.safe_load((proj / "params.yaml").read_text())["source"]
@@ -72,7 +69,9 @@ def main() -> None:
         "source": src["kind"], "path": src["path"],
         "repro_s": round(first_s, 1), "noop_repro_s": round(noop_s, 2),
         "noop_reran_stages": "Running stage" in noop_out,
-        "stage_s": stage_s, "image_auroc": metrics.get("image_auroc"),
+        "stage_s": stage_s, "image_auroc": metrics.get("image_auroc"), "score_from": metrics.get("score_from"),
+        "image_auroc_by_head": {h: v["image_auroc"] for h, v in (metrics.get("heads") or {}).items()},
+        "pixel_auroc": metrics.get("pixel_auroc"),
         "accuracy": metrics.get("accuracy"), "f1": metrics.get("f1"), "n_test": n_test,
         "test_scoring_images_per_s": round(n_test / stage_s["evaluate"], 1)
         if n_test and stage_s.get("evaluate") else None,

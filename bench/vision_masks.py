@@ -45,40 +45,45 @@ def measure_masks(demo_dir: Path, detect_dir: Path, masks_dir: Path, margin: flo
     df = pd.read_parquet(masks_dir / "manifest.parquet")
     df = df[df.composite_mask_path.notna()]
     boxes = pd.read_csv(demo_dir / "truth" / "boxes.csv")
+    centres = boxes[boxes.is_center].set_index(["run", "camera", "pass_index"])
     boxes = boxes.set_index(["run", "camera", "pass_index", "frame_index"])
     ious, ious_shrunk, kept, kept_bg, bg_all = [], [], 0, 0, 0
     for (run, cam, pidx), g in df.groupby(["run", "camera", "pass_index"]):
-        sil_path = demo_dir / "truth" / "silhouettes" / f"{run}_{cam}_{int(pidx):03d}.png"
-        sil = cv2.imread(str(sil_path), cv2.IMREAD_GRAYSCALE)
-        centre = g[g.is_center]
-        if sil is None or centre.empty:
+        sil = cv2.imread(str(demo_dir / "truth" / "silhouettes" / f"{run}_{cam}_{int(pidx):03d}.png"),
+                         cv2.IMREAD_GRAYSCALE)
+        if sil is None or (run, cam, int(pidx)) not in centres.index:
             continue
-        c = centre.iloc[0]
-        comp = cv2.imread(c.composite_mask_path, cv2.IMREAD_GRAYSCALE) > 0
+        tc = centres.loc[(run, cam, int(pidx))]                # the frame the silhouette was drawn at
+        comp_path = g.composite_mask_path.iloc[0]
+        comp = cv2.imread(comp_path, cv2.IMREAD_GRAYSCALE) > 0
+        raw_path = Path(comp_path.replace("/composite/", "/composite_raw/"))
+        raw = cv2.imread(str(raw_path), cv2.IMREAD_GRAYSCALE) > 0 if raw_path.is_file() else None
         size = comp.shape[0]
-        raw_path = Path(c.composite_mask_path.replace("/composite/", "/composite_raw/"))
-        raw = cv2.imread(str(raw_path), cv2.IMREAD_GRAYSCALE) if raw_path.is_file() else None
-        truth_c = truth_in_crop(sil, c, margin, size)
-        ious_shrunk.append(_iou(comp, truth_c))
-        if raw is not None:
-            ious.append(_iou(raw > 0, truth_c))
-        tc = boxes.loc[(run, cam, int(pidx), int(c.frame_index))]
+        g_iou, g_iou_s = [], []
         for row in g.itertuples():
             key = (run, cam, int(pidx), int(row.frame_index))
             if key not in boxes.index:
                 continue
             t = boxes.loc[key]
-            if (t.x1 - t.x0) != (tc.x1 - tc.x0):          # clipped at the frame edge: shift unknown
-                continue
+            if (t.x1 - t.x0) != (tc.x1 - tc.x0) or (t.y1 - t.y0) != (tc.y1 - tc.y0):
+                continue                                         # clipped at the frame edge: shift unknown
             truth = truth_in_crop(_shift(sil, int(t.x0 - tc.x0), int(t.y0 - tc.y0)), row, margin, size)
+            g_iou_s.append(_iou(comp, truth))
+            if raw is not None:
+                g_iou.append(_iou(raw, truth))
             kept += int(comp.sum())
             kept_bg += int((comp & ~truth).sum())
             bg_all += int((~truth).sum())
+        if g_iou_s:
+            ious_shrunk.append(np.mean(g_iou_s))
+        if g_iou:
+            ious.append(np.mean(g_iou))
+    r4 = lambda v: round(float(v), 4)  # noqa: E731
     return {
-        "mask_iou": round(float(np.mean(ious)), 4) if ious else None,
-        "mask_iou_median": round(float(np.median(ious)), 4) if ious else None,
-        "mask_iou_min": round(float(np.min(ious)), 4) if ious else None,
-        "mask_iou_shrunk": round(float(np.mean(ious_shrunk)), 4) if ious_shrunk else None,
+        "mask_iou": r4(np.mean(ious)) if ious else None,
+        "mask_iou_median": r4(np.median(ious)) if ious else None,
+        "mask_iou_min": r4(np.min(ious)) if ious else None,
+        "mask_iou_shrunk": r4(np.mean(ious_shrunk)) if ious_shrunk else None,
         "background_leak": round(kept_bg / kept, 5) if kept else None,
         "background_leak_of_bg": round(kept_bg / bg_all, 5) if bg_all else None,
         "mask_groups": len(ious_shrunk),

@@ -3,6 +3,7 @@
     defectflow demo [--size tiny|small] [--out DIR]   write the synthetic demo videos
     defectflow check [params.yaml]                    validate parameters
     defectflow summary                                where the report and metrics are
+    defectflow export [--model DIR] [--out model.onnx] one ONNX model: image tensor in, score out
 """
 from __future__ import annotations
 
@@ -57,6 +58,18 @@ def _summary(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from defectflow.export import export_model
+
+    params = load_params(args.params)
+    model_dir = Path(args.model or layout.MODELS / "model")
+    out = Path(args.out or model_dir.parent / "model.onnx")
+    export_model(model_dir, out, params.train.n_transforms_test)
+    print(f"wrote {out}: input 'image' float32 (N, 3, {params.train.image_size}, {params.train.image_size}) "
+          f"RGB in [0, 1] -> output 'score' (N,)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="defectflow", description=__doc__,
@@ -72,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_check)
     p = sub.add_parser("summary", help="where the report and metrics are")
     p.set_defaults(fn=_summary)
+    p = sub.add_parser("export", help="write one ONNX model (backbone + density head): image in, score out")
+    p.add_argument("--model", help="trained model folder (default: models/model)")
+    p.add_argument("--out", help="output .onnx file (default: models/model.onnx)")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(fn=_export)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

@@ -10,6 +10,14 @@ contour -> box (x1/y1 exclusive, frame pixels). The crop is a square re-centred 
 the box with ``detect.margin`` of its longer side added on each side (black where
 it leaves the frame), resized to ``detect.crop_size``. Image sources (no video)
 skip the stage.
+
+Bring-your-own detector (``detect.method: onnx``, ``detect.onnx_model``): a YOLO-style ONNX
+model run with onnxruntime (CPU, 2 threads). Input: the frame letterboxed (aspect kept, grey
+114 padding) to the model's input size, RGB, 0..1, 1x3xHxW. Output: YOLOv5 layout (1, N, 5+C)
+``[cx, cy, w, h, obj, cls...]`` (score = obj * best class) or YOLOv8 layout (1, 4+C, N)
+``[cx, cy, w, h, cls...]`` (score = best class), in input pixels. Boxes under
+``detect.score_threshold`` are dropped, the rest go through NMS (``detect.nms_iou``) and the
+best box of the frame is kept. The background plates are still built: masks uses them.
 """
 from __future__ import annotations
 
@@ -42,7 +50,115 @@ class DetectError(DefectflowError):
 
 
 class DetectorUnavailable(DefectflowError):
-    """The chosen detector is not implemented yet."""
+    """The chosen detector cannot be used (model file missing or invalid, onnxruntime missing)."""
+
+
+LETTERBOX_FILL = 114
+ONNX_THREADS = 2
+
+
+def letterbox(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """``img`` scaled to fit ``size`` = (h, w) with its aspect kept, centred on grey padding.
+
+    Returns (image, scale, (pad_x, pad_y)): input pixel = frame pixel * scale + pad.
+    """
+    h, w = img.shape[:2]
+    th, tw = size
+    r = min(th / h, tw / w)
+    nw, nh = max(1, int(round(w * r))), max(1, int(round(h * r)))
+    resized = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR)
+    px, py = (tw - nw) // 2, (th - nh) // 2
+    out = cv2.copyMakeBorder(resized, py, th - nh - py, px, tw - nw - px, cv2.BORDER_CONSTANT,
+                             value=(LETTERBOX_FILL,) * 3)
+    return out, r, (px, py)
+
+
+def parse_yolo(raw: np.ndarray, layout: str = "auto", class_id: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """YOLO output -> (boxes (M, 4) as cx, cy, w, h; scores (M,)).
+
+    ``layout``: yolov5 (1, N, 5+C), yolov8 (1, 4+C, N), or auto (the longer of the two axes is N).
+    """
+    a = np.asarray(raw, dtype=np.float32)
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 2:
+        raise ValueError(f"expected a YOLO output of shape (1, N, 5+C) or (1, 4+C, N), got {tuple(np.shape(raw))}")
+    if layout == "auto":
+        layout = "yolov8" if a.shape[0] < a.shape[1] else "yolov5"
+    if layout == "yolov8":
+        a = a.T
+        if a.shape[1] < 5:
+            raise ValueError(f"yolov8 output needs 4 + classes >= 5 rows, got {a.shape[1]}")
+        cls = a[:, 4:]
+        obj = np.ones(len(a), np.float32)
+    else:
+        if a.shape[1] < 5:
+            raise ValueError(f"yolov5 output needs 5 + classes >= 5 columns, got {a.shape[1]}")
+        obj = a[:, 4]
+        cls = a[:, 5:] if a.shape[1] > 5 else np.ones((len(a), 1), np.float32)
+    if class_id is not None:
+        if class_id >= cls.shape[1]:
+            raise ValueError(f"onnx_class {class_id} but the model has {cls.shape[1]} class(es)")
+        best = cls[:, class_id]
+    else:
+        best = cls.max(axis=1)
+    return a[:, :4], obj * best
+
+
+class OnnxDetector:
+    """A YOLO-style ONNX model: best box per frame after score threshold and NMS."""
+
+    def __init__(self, model: Path | str, score_threshold: float = 0.25, nms_iou: float = 0.45,
+                 layout: str = "auto", class_id: int | None = None, threads: int = ONNX_THREADS):
+        self.path = Path(model)
+        if not self.path.is_file():
+            raise DetectorUnavailable(f"{self.path}: ONNX model file not found (detect.onnx_model)")
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise DetectorUnavailable("detect.method onnx needs onnxruntime: pip install onnxruntime") from None
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for bad files
+            raise DetectorUnavailable(f"{self.path}: not a usable ONNX model: {str(err).strip()[:300]}") from None
+        inp = self.session.get_inputs()[0]
+        shape = list(inp.shape)
+        if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
+            raise DetectorUnavailable(f"{self.path}: expected an image input 1x3xHxW, got {inp.name} {shape}")
+        self.input_name = inp.name
+        self.size = tuple(d if isinstance(d, int) and d > 0 else 640 for d in shape[2:])
+        self.score_threshold, self.nms_iou = score_threshold, nms_iou
+        self.layout, self.class_id = layout, class_id
+
+    def detect(self, frame: np.ndarray) -> tuple[Box, float] | None:
+        """Best box (x0, y0, x1, y1; x1/y1 exclusive, frame pixels) and its score, or None."""
+        img, r, (px, py) = letterbox(frame, self.size)
+        x = cv2.cvtColor(img, cv2.COLOR_BGR2RGB).transpose(2, 0, 1)[None].astype(np.float32) / 255.0
+        try:
+            raw = self.session.run(None, {self.input_name: x})[0]
+            boxes, scores = parse_yolo(raw, self.layout, self.class_id)
+        except ValueError as err:
+            raise DetectorUnavailable(f"{self.path}: {err}") from None
+        keep = scores >= self.score_threshold
+        if not keep.any():
+            return None
+        boxes, scores = boxes[keep], scores[keep]
+        xywh = np.column_stack([boxes[:, 0] - boxes[:, 2] / 2, boxes[:, 1] - boxes[:, 3] / 2, boxes[:, 2], boxes[:, 3]])
+        idx = np.asarray(cv2.dnn.NMSBoxes(xywh.tolist(), scores.tolist(), self.score_threshold, self.nms_iou)).ravel()
+        if not len(idx):
+            return None
+        best = int(idx[np.argmax(scores[idx])])
+        bx, by, bw, bh = xywh[best]
+        h, w = frame.shape[:2]
+        x0 = int(np.clip(np.floor((bx - px) / r), 0, w - 1))
+        y0 = int(np.clip(np.floor((by - py) / r), 0, h - 1))
+        x1 = int(np.clip(np.ceil((bx + bw - px) / r), x0 + 1, w))
+        y1 = int(np.clip(np.ceil((by + bh - py) / r), y0 + 1, h))
+        return (x0, y0, x1, y1), float(scores[best])
 
 
 def sample_video_frames(path: Path | str, n: int = PLATE_SAMPLES) -> list[np.ndarray]:
@@ -119,17 +235,23 @@ def detect_box(frame: np.ndarray, plate: np.ndarray, diff_threshold: int) -> Box
 
 
 def _crop_row(row: dict, frame: np.ndarray, plate: np.ndarray, bg_path: str,
-              params: Params, out: StageOutput) -> dict | None:
+              params: Params, out: StageOutput, onnx: OnnxDetector | None = None) -> dict | None:
     """Detect, crop and save one frame; the DETECT row, or None when nothing is in view."""
-    box = detect_box(frame, plate, params.detect.diff_threshold)
-    if box is None:
-        return None
+    if onnx is not None:
+        found = onnx.detect(frame)
+        if found is None:
+            return None
+        box, score = found
+    else:
+        box, score = detect_box(frame, plate, params.detect.diff_threshold), 1.0
+        if box is None:
+            return None
     crop = crop_square(frame, square_box(box, params.detect.margin), params.detect.crop_size)
     tmp, recorded = out.path(f"crops/{safe_name(row['item_id'])}.png")
     write_image(tmp, crop)
     x0, y0, x1, y1 = box
     return {**row, "image_path": recorded, "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1,
-            "detect_score": 1.0, "background_path": bg_path}
+            "detect_score": score, "background_path": bg_path}
 
 
 def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
@@ -139,9 +261,9 @@ def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
     if not is_video.any():
         return skip_stage("detect", df, DETECT, inp, out_dir,
                           "images source: no video frames, images are used as they are")
-    if params.detect.method == "onnx":
-        raise DetectorUnavailable("detect.method=onnx: the onnx detector arrives with issue 3; "
-                                  "use detect.method: classical for now")
+    dp = params.detect
+    onnx = (OnnxDetector(dp.onnx_model, dp.score_threshold, dp.nms_iou, dp.onnx_layout, dp.onnx_class)
+            if dp.method == "onnx" else None)
     with stage_run("detect", out_dir) as (out, report):
         plates: dict[tuple[str, str], tuple[np.ndarray, str]] = {}
         origins = {"video": 0, "frames": 0}
@@ -161,19 +283,22 @@ def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
             if frame.shape != plate.shape:
                 raise DetectError(f"{row['image_path']}: frame is {frame.shape}, but the background plate of "
                                   f"{row['run']}/{row['camera']} is {plate.shape}")
-            new = _crop_row(row, frame, plate, bg_path, params, out)
+            new = _crop_row(row, frame, plate, bg_path, params, out, onnx)
             if new is None:
                 dropped += 1
                 dropped_center += bool(row["is_center"])
-                log.warning("%s: no foreground against the background plate, frame dropped", row["image_path"])
+                log.warning("%s: no %s, frame dropped", row["image_path"],
+                            "box above detect.score_threshold" if onnx else "foreground against the background plate")
                 continue
             records.append(new)
         out_df = pd.DataFrame(records, columns=DETECT.names)
-        write_manifest(out_df, DETECT, out.manifest, meta={"detector": "classical"})
+        write_manifest(out_df, DETECT, out.manifest,
+                       meta={"detector": dp.method, **({"onnx_model": str(dp.onnx_model)} if onnx else {})})
         report.read.append(str(inp))
         report.n_in, report.n_out = len(df), len(out_df)
         report.notes.append(f"background plates: {origins['video']} from videos, "
                             f"{origins['frames']} from manifest frames")
+        report.notes.append(f"detector: {dp.method}" + (f" ({dp.onnx_model}, input {onnx.size})" if onnx else ""))
         report.notes.append(f"{dropped} frame(s) with no foreground dropped ({dropped_center} of them centre frames)")
         if (~is_video).any():
             report.notes.append(f"{int((~is_video).sum())} non-video row(s) forwarded without detection")

@@ -4,12 +4,18 @@ Test rows: ``split == test``, ``is_center`` originals (one image per product per
 Images labelled ``unknown`` are scored and judged but left out of every metric.
 Writes into ``out_dir`` (atomically replaced):
 
-- ``metrics.json``        ``image_auroc`` (null with a note if test has one class), accuracy,
+- ``metrics.json``        ``image_auroc`` (null with a note if test has one class) and its
+                          stratified bootstrap 95 % CI (``image_auroc_ci``), accuracy,
                           precision, recall, f1, fpr at the threshold, counts, per-defect-type
                           AUROC, product-level accuracy
 - ``roc.csv``             ``fpr,tpr,threshold``;  ``scores_hist.csv``  ``score,count,good,defect,unknown``
 - ``scores.parquet``      SCORES;  ``verdicts.parquet``  VERDICTS
 - ``roc.png``, ``scores_hist.png``, ``report.html`` (self-contained)
+- with a conv head: ``pixel_auroc`` in metrics.json (over every pixel of the test images at
+  ``train.image_size``, good images as all-zero masks; null with a note when no test row has a
+  ground-truth mask), ``heads`` (image AUROC of every head: ``score`` is ``train.score_from``'s),
+  ``boxes.parquet`` (a row per box of every flagged image, original-image pixels, ``x1``/``y1``
+  exclusive; :data:`BOX_COLUMNS`), and heat-map + box overlays of flagged products in report.html
 """
 from __future__ import annotations
 
@@ -21,15 +27,22 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from defectflow.annotate import annotate_videos
 from defectflow.config import Params
 from defectflow.errors import DefectflowError
 from defectflow.manifest import SCORES, SYNTH, VERDICTS, read_manifest, write_manifest
 from defectflow.report import hist_plot, roc_plot, write_report
-from defectflow.scoring import judge, select_rows
+from defectflow.scoring import HEADS, product_verdicts, score_with_maps, select_rows
 from defectflow.stage import StageReport, logger, manifest_path, stage_run
 
 log = logger("evaluate")
 HIST_BINS = 30
+
+
+BOX_COLUMNS = {"item_id": "string", "product_id": "string", "camera": "string", "image_path": "string",
+               "label": "string", "defect_type": "string", "score": "float64", "rank": "int64",
+               "x0": "int64", "y0": "int64", "x1": "int64", "y1": "int64", "confidence": "float64",
+               "score_max": "float64", "score_mean": "float64", "area": "int64"}
 
 
 class EvaluateError(DefectflowError):
@@ -52,7 +65,30 @@ def _auroc(y: np.ndarray, s: np.ndarray) -> float | None:
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
 
 
-def image_metrics(scores, labels, defect_types, threshold: float) -> dict:
+def bootstrap_auroc_ci(y: np.ndarray, s: np.ndarray, n: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> list[float] | None:
+    """Percentile CI of the AUROC over ``n`` stratified resamples (goods and defects resampled
+    separately, so every resample has both classes); None with one class or ``n == 0``."""
+    y = np.asarray(y, bool)
+    s = np.asarray(s, np.float64)
+    pos, neg = s[y], s[~y]
+    if n <= 0 or not len(pos) or not len(neg):
+        return None
+    rng = np.random.default_rng(seed)
+    vals = np.empty(n)
+    for i in range(n):
+        p = np.sort(pos[rng.integers(0, len(pos), len(pos))])
+        q = np.sort(neg[rng.integers(0, len(neg), len(neg))])
+        # AUROC = P(pos > neg) + 0.5 P(pos == neg), by counting with sorted arrays
+        less = np.searchsorted(q, p, side="left")
+        less_eq = np.searchsorted(q, p, side="right")
+        vals[i] = (less.sum() + 0.5 * (less_eq - less).sum()) / (len(p) * len(q))
+    a = (1 - level) / 2
+    return [float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))]
+
+
+def image_metrics(scores, labels, defect_types, threshold: float, bootstrap: int = 1000, seed: int = 0,
+                  bands: dict | None = None) -> dict:
     """Image-level metrics at ``threshold``; ``unknown`` labels excluded."""
     scores = np.asarray(scores, np.float64)
     labels = np.asarray(labels, dtype=object)
@@ -68,13 +104,23 @@ def image_metrics(scores, labels, defect_types, threshold: float) -> dict:
     if auroc is None:
         notes.append(f"image_auroc is null: the test set has only one class "
                      f"({int(y.sum())} defective, {int((~y).sum())} good labelled images)")
+    ci = bootstrap_auroc_ci(y, s, bootstrap, seed) if auroc is not None else None
+    band_counts = None
+    if bands:
+        from defectflow.threshold import band_of
+        b = band_of(s, bands["low"], bands["high"])
+        band_counts = {name: {k: int(((b == k) & sel).sum()) for k in ("good", "review", "bad")}
+                       for name, sel in (("good", ~y), ("defect", y))}
     per_type = {}
     for name in sorted({str(x) for x in t[y] if x is not None and not (isinstance(x, float) and math.isnan(x))}):
         sel = ~y | (t == name)
         per_type[name] = {"n": int((t[y] == name).sum()), "auroc": _auroc(y[sel], s[sel])}
     return {
         "image_auroc": auroc,
+        "image_auroc_ci": ci,
+        "image_auroc_ci_method": f"stratified bootstrap, {bootstrap} resamples, 95 % percentile" if ci else None,
         "threshold": float(threshold),
+        "bands": ({"low": bands["low"], "high": bands["high"], "test_counts": band_counts} if bands else None),
         "accuracy": (tp + tn) / n if n else None,
         "precision": tp / (tp + fp) if tp + fp else None,
         "recall": tp / (tp + fn) if tp + fn else None,
@@ -148,8 +194,40 @@ def run(params: Params, inp: Path, model_dir: Path, threshold_path: Path, out_di
         thr_info = read_threshold(threshold_path)
         threshold = float(thr_info["threshold"])
         test = select_rows(df, "test")
-        scored, verdicts = judge(test, model_dir, params, threshold, progress=True)
-        metrics = image_metrics(scored["score"], scored["label"], scored["defect_type"], threshold)
+        conv_info = thr_info.get("conv")
+        map_thr = float(conv_info["map_threshold"]) if conv_info else None
+        scored, amaps = score_with_maps(test, model_dir, params, progress=True, keep_maps=True,
+                                        map_threshold=map_thr)
+        scored_by = scored.attrs["scored_by"]
+        if thr_info.get("score_from", "image") != scored_by:
+            raise EvaluateError(f"{threshold_path}: the threshold was fitted on the {thr_info.get('score_from')} "
+                                f"head's scores but the score now comes from the {scored_by} head: rerun threshold")
+        if amaps is not None and map_thr is None:
+            raise EvaluateError(f"{threshold_path}: no map threshold for the conv head: rerun threshold")
+        scored["pred_defect"] = scored["score"] >= threshold
+        verdicts = product_verdicts(scored, threshold)
+        metrics = image_metrics(scored["score"], scored["label"], scored["defect_type"], threshold,
+                                params.evaluate.bootstrap, params.seed, thr_info.get("bands"))
+        metrics["score_from"] = scored_by
+        metrics["heads"] = {h: {"image_auroc": _auroc_of(scored[col], scored["label"])}
+                            for h, col in HEADS.items() if col in scored.columns}
+        metrics["pixel_auroc"] = None
+        boxes = pd.DataFrame({c: pd.Series(dtype=t) for c, t in BOX_COLUMNS.items()})
+        if amaps is not None:
+            metrics["pixel_auroc"], note = pixel_metric(scored, amaps)
+            if note:
+                metrics["notes"].append(note)
+            boxes = flagged_boxes(scored, amaps, map_thr, params)
+            metrics["map_threshold"] = map_thr
+            metrics["n_boxes"] = int(len(boxes))
+            metrics["n_flagged_images_with_box"] = int(boxes["item_id"].nunique())
+        else:
+            metrics["notes"].append("pixel_auroc is null: no conv head (train.head: image)")
+        skipped = scored.attrs.get("skipped") or []
+        if skipped:
+            metrics["skipped_images"] = [{"path": p, "error": m} for p, m in skipped]
+            metrics["notes"].append(f"skipped {len(skipped)} unreadable test image(s) (train.on_bad_image: skip): "
+                                    + "; ".join(p for p, _ in skipped))
         metrics.update(product_metrics(verdicts))
         metrics["threshold_method"] = thr_info.get("method_used")
         if test.empty:
@@ -160,8 +238,12 @@ def run(params: Params, inp: Path, model_dir: Path, threshold_path: Path, out_di
 
         files = {}
         for name in ("metrics.json", "roc.csv", "scores_hist.csv", "scores.parquet", "verdicts.parquet",
-                     "roc.png", "scores_hist.png", "report.html"):
+                     "boxes.parquet", "roc.png", "scores_hist.png", "report.html"):
             files[name] = out.path(name)[0]
+        boxes.astype(BOX_COLUMNS).to_parquet(files["boxes.parquet"], index=False)
+        overlays = (report_overlays(scored, verdicts, amaps, boxes, conv_info, params.evaluate.max_report_images)
+                    if amaps is not None else {})
+        del amaps
         files["metrics.json"].write_text(json.dumps(metrics, indent=2) + "\n")
         roc.to_csv(files["roc.csv"], index=False)
         hist.to_csv(files["scores_hist.csv"], index=False)
@@ -177,15 +259,118 @@ def run(params: Params, inp: Path, model_dir: Path, threshold_path: Path, out_di
                 files[name].write_bytes(data)
             else:
                 del files[name]
+        videos = []
+        if params.evaluate.video:
+            window = df[(df["split"] == "test") & df["augment_of"].isna() & ~df["synthetic"].astype(bool)]
+            videos = annotate_videos(window, scored, verdicts, threshold, out.tmp / "videos")
         notes = [thr_info["note"]] if thr_info.get("note") else []
+        if videos:
+            notes.append(f"annotated videos ({len(videos)}, boxes red = flagged by that camera, orange = flagged "
+                         f"by another camera, green = good): {', '.join('videos/' + v.name for v in videos)}")
+        if thr_info.get("calibration"):
+            notes.append(f"threshold calibration: {thr_info['calibration']}")
         write_report(files["report.html"], metrics, verdicts, scored, threshold, str(thr_info.get("method_used")),
-                     roc_png, hist_png, max_images=params.evaluate.max_report_images, notes=notes)
+                     roc_png, hist_png, max_images=params.evaluate.max_report_images, notes=notes,
+                     overlays=overlays)
         report.read += [str(src), str(model_dir), str(threshold_path)]
         report.wrote += [str(Path(out_dir) / n) for n in files]
+        report.wrote += [str(Path(out_dir) / "videos" / v.name) for v in videos]
         report.n_in, report.n_out = len(df), len(scored)
         auroc = metrics["image_auroc"]
         report.notes.append(f"{len(scored)} test images, {len(verdicts)} products "
                             f"({metrics['n_products_flagged']} flagged); image AUROC "
                             f"{'n/a' if auroc is None else f'{auroc:.4f}'}, accuracy {metrics['accuracy']}")
+        if metrics["pixel_auroc"] is not None:
+            report.notes.append(f"pixel AUROC {metrics['pixel_auroc']:.4f}; {metrics.get('n_boxes', 0)} boxes on "
+                                f"{metrics.get('n_flagged_images_with_box', 0)} flagged images")
         report.notes.extend(metrics["notes"])
     return report
+
+
+def _auroc_of(scores, labels) -> float | None:
+    s = np.asarray(scores, np.float64)
+    lab = np.asarray(labels, dtype=object)
+    known = np.isin(lab, ["good", "defect"]) & np.isfinite(s)
+    return _auroc(lab[known] == "defect", s[known])
+
+
+def pixel_metric(scored: pd.DataFrame, amaps: np.ndarray) -> tuple[float | None, str | None]:
+    """Pixel AUROC over the test rows with a known label where a ground-truth mask exists for some
+    defective row (good rows count as all-zero masks); (None, why) otherwise. Defective rows without
+    a mask are left out (their defect pixels are unknown)."""
+    from defectflow.anomaly_maps import load_mask, pixel_auroc
+
+    if "gt_mask_path" not in scored.columns:
+        return None, "pixel_auroc is null: no ground-truth masks (gt_mask_path)"
+    paths = scored["gt_mask_path"].to_numpy(dtype=object)
+    lab = scored["label"].to_numpy(dtype=object)
+    has = np.array([isinstance(p, str) and bool(p) for p in paths])
+    if not has.any():
+        return None, "pixel_auroc is null: no test image has a ground-truth mask"
+    use = (lab == "good") | ((lab == "defect") & has)
+    size = amaps.shape[1:]
+    masks = [load_mask(p, size) if h else None for p, h in zip(paths[use], has[use])]
+    value = pixel_auroc(amaps[use], masks)
+    note = None
+    if (~has & (lab == "defect")).any():
+        note = f"pixel_auroc leaves out {int((~has & (lab == 'defect')).sum())} defective test image(s) without a mask"
+    return value, note
+
+
+def _image_wh(path: str, default: tuple[int, int]) -> tuple[int, int]:
+    from defectflow.fsutil import ImageReadError, read_image
+    import cv2
+    try:
+        img = read_image(path, cv2.IMREAD_UNCHANGED)
+    except ImageReadError:
+        return default
+    return int(img.shape[1]), int(img.shape[0])
+
+
+def flagged_boxes(scored: pd.DataFrame, amaps: np.ndarray, map_thr: float, params: Params) -> pd.DataFrame:
+    """Boxes of every flagged test image (``pred_defect``) at the map threshold, in the image's pixels."""
+    from defectflow.anomaly_maps import boxes_from_map
+
+    rows = []
+    mp = params.maps
+    for i, rec in enumerate(scored.to_dict("records")):
+        if not rec.get("pred_defect"):
+            continue
+        wh = _image_wh(rec["image_path"], (amaps.shape[2], amaps.shape[1]))
+        for rank, b in enumerate(boxes_from_map(amaps[i], map_thr, min_area=mp.min_area, confidence=mp.confidence,
+                                                image_size=wh)):
+            rows.append({"item_id": rec["item_id"], "product_id": rec["product_id"], "camera": rec["camera"],
+                         "image_path": rec["image_path"], "label": rec["label"], "defect_type": rec.get("defect_type"),
+                         "score": rec["score"], "rank": rank, **b.to_dict()})
+    if not rows:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in BOX_COLUMNS.items()})
+    return pd.DataFrame(rows)[list(BOX_COLUMNS)]
+
+
+def report_overlays(scored: pd.DataFrame, verdicts: pd.DataFrame, amaps: np.ndarray, boxes: pd.DataFrame,
+                    conv_info: dict, max_images: int) -> dict:
+    """product_id -> base64 JPEG thumbnail: heat map + boxes over the product's highest-scoring image,
+    for the flagged products the report shows (same colour range for all: ``vmin``/``vmax`` of the
+    threshold stage)."""
+    from defectflow.anomaly_maps import Box, draw_boxes, load_rgb, overlay
+    from defectflow.fsutil import ImageReadError
+    from defectflow.report import encode_thumb
+
+    out = {}
+    flagged = verdicts[verdicts["verdict"] == "defect"].sort_values("max_score", ascending=False).head(max_images)
+    pos = {item: i for i, item in enumerate(scored["item_id"])}
+    for pid in flagged["product_id"]:
+        rows = scored[scored["product_id"] == pid]
+        if rows.empty:
+            continue
+        rec = rows.loc[rows["score"].idxmax()]
+        try:
+            img = load_rgb(rec["image_path"])
+        except ImageReadError:
+            continue
+        mine = boxes[boxes["item_id"] == rec["item_id"]]
+        bx = [Box(*(int(r[k]) for k in ("x0", "y0", "x1", "y1")), float(r["confidence"]), float(r["score_max"]),
+                  float(r["score_mean"]), int(r["area"])) for _, r in mine.iterrows()]
+        tile = draw_boxes(overlay(img, amaps[pos[rec["item_id"]]], conv_info["vmin"], conv_info["vmax"]), bx)
+        out[str(pid)] = encode_thumb(tile)
+    return out

@@ -13,6 +13,12 @@ The backbone is exported once per (backbone, weights hash, input size) to
 ``<cache_dir>/onnx/<name>-<weights id>-<size>px-v<N>.onnx`` (legacy TorchScript exporter:
 torch 2.14's default dynamo exporter needs ``onnxscript``, which is not a dependency) and
 run by ONNX Runtime with ``train.threads`` intra-op threads (~7x faster than torch eager on CPU).
+The graph returns the maps (``map0..``) and their global-average-pooled concatenation (``pooled``).
+
+Features of image files are cached on disk (:class:`FeatureCache`, ``<cache>/features/<key>/``):
+one ``.npy`` per image, keyed by the file's content hash; ``<key>`` hashes backbone, weights id,
+input size, scales, layers, transforms and the preprocessing version, so retraining the density
+model (or re-scoring validation) never re-runs the backbone on an image it has seen.
 
 >>> fx = FeatureExtractor.from_params(params.train)            # doctest: +SKIP
 >>> feats = fx.extract(["a.png", "b.png"], n_transforms=4)       # doctest: +SKIP
@@ -21,21 +27,24 @@ run by ONNX Runtime with ``train.threads`` intra-op threads (~7x faster than tor
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import cv2
 import numpy as np
 
 from defectflow.backbones import BackboneSpec, build_backbone, get_backbone, resolve_weights, weights_id
 from defectflow.errors import DefectflowError
-from defectflow.fsutil import ImageReadError, atomic_path, read_image
+from defectflow.fsutil import ImageReadError, atomic_path
 from defectflow.stage import logger
 
-EXPORT_VERSION = 1      # bump when the exported graph changes (invalidates cached .onnx files)
+EXPORT_VERSION = 2      # bump when the exported graph changes (invalidates cached .onnx files)
+PREP_VERSION = 2        # bump when image preprocessing changes (invalidates cached features)
 ONNX_OPSET = 17
 DEFAULT_CACHE = Path(".cache/defectflow")
 log = logger("features")
@@ -51,13 +60,34 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
 
 
 # ------------------------------------------------------------------ images
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read ``path`` as float32 RGB ``(H, W, 3)`` in [0, 1] (gray, RGBA and 16-bit converted)."""
-    img = read_image(path, cv2.IMREAD_UNCHANGED)
+def _complete(data: np.ndarray, path) -> None:
+    """Raise ImageReadError for a PNG without IEND or a JPEG without its end marker (truncated files:
+    OpenCV would decode them with grey / garbage rows and only a warning on stderr)."""
+    head = bytes(data[:8])
+    if head.startswith(b"\x89PNG"):
+        if b"IEND" not in bytes(data[-32:]):
+            raise ImageReadError(f"{path}: truncated PNG (no IEND chunk)")
+    elif head.startswith(b"\xff\xd8"):
+        tail = bytes(data[-64:]).rstrip(b"\x00\r\n ")
+        if not tail.endswith(b"\xff\xd9"):
+            raise ImageReadError(f"{path}: truncated JPEG (no end-of-image marker)")
+
+
+def decode_image(data: np.ndarray, path: str | os.PathLike) -> tuple[np.ndarray, Optional[str]]:
+    """Decode file bytes to float32 RGB ``(H, W, 3)`` in [0, 1]; also return what was converted
+    (``"grayscale"``, ``"rgba"``, ``"16-bit"``, combined with ``+``) or None."""
+    if data.size == 0:
+        raise ImageReadError(f"{path}: empty image file")
+    _complete(data, path)
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ImageReadError(f"{path}: not a readable image (corrupt, truncated or unknown format)")
+    conv = []
     if img.dtype == np.uint8:
         scale = 255.0
     elif img.dtype == np.uint16:
         scale = 65535.0
+        conv.append("16-bit")
     elif img.dtype in (np.float32, np.float64):
         scale = 1.0
     else:
@@ -67,13 +97,35 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         img = img[:, :, None]
     channels = img.shape[2]
     if channels == 1:
-        return np.repeat(img, 3, axis=2)
-    if channels == 4:
-        rgb = img[:, :, 2::-1] * img[:, :, 3:4]          # composite over black
-        return np.ascontiguousarray(rgb)
-    if channels == 3:
-        return np.ascontiguousarray(img[:, :, ::-1])
-    raise ImageReadError(f"{path}: unsupported number of channels ({channels})")
+        conv.insert(0, "grayscale")
+        out = np.repeat(img, 3, axis=2)
+    elif channels == 4:
+        conv.insert(0, "rgba")
+        out = np.ascontiguousarray(img[:, :, 2::-1] * img[:, :, 3:4])   # composite over black
+    elif channels == 3:
+        out = np.ascontiguousarray(img[:, :, ::-1])
+    else:
+        raise ImageReadError(f"{path}: unsupported number of channels ({channels})")
+    return out, ("+".join(conv) or None)
+
+
+def read_bytes(path: str | os.PathLike) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: image file not found")
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise ImageReadError(f"{path}: cannot read ({err})") from None
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read ``path`` as float32 RGB ``(H, W, 3)`` in [0, 1] (gray, RGBA and 16-bit converted;
+    truncated PNG / JPEG files raise ImageReadError naming the file)."""
+    img, conv = decode_image(read_bytes(path), path)
+    if conv:
+        log.debug("%s: converted %s image to 8-bit-range RGB", path, conv)
+    return img
 
 
 def rotation_angles(n: int) -> list[float]:
@@ -109,18 +161,22 @@ def prepare(images: Sequence[np.ndarray], n_transforms: int, image_size: int, sc
             mean: Sequence[float], std: Sequence[float]) -> list[np.ndarray]:
     """Network inputs for ``images`` (float RGB in [0, 1]): one ``(N * T, 3, s, s)`` array per scale.
 
-    Row ``i * T + t`` is image ``i`` under transform ``t``.
+    Row ``i * T + t`` is image ``i`` under transform ``t``. Normalisation (per-channel affine) is
+    done once per image, before rotating: it commutes with rotation and resizing.
     """
     sizes = scale_sizes(image_size, scales)
     m = np.asarray(mean, np.float32)
     sd = np.asarray(std, np.float32)
+    angles = rotation_angles(n_transforms)
     out = [np.empty((len(images) * n_transforms, 3, s, s), np.float32) for s in sizes]
     for i, img in enumerate(images):
-        base = _resize(img, image_size)
-        for t, angle in enumerate(rotation_angles(n_transforms)):
-            rot = rotate(base, angle)
+        base = (_resize(img, image_size) - m) / sd
+        for t, angle in enumerate(angles):
+            quarter = angle / 90.0
+            exact = abs(quarter - round(quarter)) < 1e-9
+            rot = np.rot90(base, int(round(quarter)) % 4) if exact else rotate(base, angle)
             for k, size in enumerate(sizes):
-                x = (_resize(rot, size) - m) / sd
+                x = rot if size == image_size else _resize(np.ascontiguousarray(rot), size)
                 out[k][i * n_transforms + t] = x.transpose(2, 0, 1)
     return out
 
@@ -131,15 +187,32 @@ def pool(maps: Sequence[np.ndarray]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ ONNX backbone
+def _WithPooled(net):
+    """Wrap a feature module: ``forward(x) -> [*maps, pooled]`` (pooled = GAP of every map, concatenated)."""
+    import torch
+    from torch import nn
+
+    class WithPooled(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            maps = self.inner(x)
+            return (*maps, torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1))
+
+    return WithPooled(net).eval()
+
+
 def export_onnx(name: str, image_size: int, path: Path, *, pretrained: bool = True,
                 weights: str | os.PathLike | None = None) -> Path:
     """Export the feature module of backbone ``name`` for ``image_size`` px inputs to ``path``."""
     import torch
 
-    net = build_backbone(name, pretrained=pretrained, weights=weights, image_size=image_size)
+    net = _WithPooled(build_backbone(name, pretrained=pretrained, weights=weights, image_size=image_size))
     n_maps = len(get_backbone(name).layers)
     dummy = torch.zeros(1, 3, image_size, image_size)
-    outputs = [f"map{i}" for i in range(n_maps)]
+    outputs = [f"map{i}" for i in range(n_maps)] + ["pooled"]
     axes = {"image": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
@@ -174,18 +247,79 @@ class OnnxBackbone:
         except Exception as err:  # a truncated / foreign cache file
             raise FeatureError(f"{self.path}: cached ONNX backbone is unreadable ({err}); delete it to re-export") from None
 
+        outs = [o.name for o in self.session.get_outputs()]
+        self.map_names = [o for o in outs if o.startswith("map")]
+
     def run(self, x: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {"image": np.ascontiguousarray(x, dtype=np.float32)})
+        """Feature maps ``[(B, C_i, h_i, w_i)]`` of a normalised batch."""
+        return self.session.run(self.map_names, {"image": np.ascontiguousarray(x, dtype=np.float32)})
+
+    def pooled(self, x: np.ndarray) -> np.ndarray:
+        """Globally average-pooled maps, concatenated: ``(B, sum C_i)`` (pooling runs inside the graph)."""
+        return self.session.run(["pooled"], {"image": np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+# ------------------------------------------------------------------ cache
+class FeatureCache:
+    """Per-image feature arrays on disk: ``<root>/<key>/<content hash[:2]>/<content hash>.npy``.
+
+    ``key`` hashes every setting that changes the features (see :meth:`FeatureExtractor.cache_key`);
+    ``<root>/<key>/key.json`` says which. Writes are atomic (temp file + rename), so concurrent
+    writers and interrupted runs never leave a half-written entry; an unreadable entry is a miss.
+    """
+
+    def __init__(self, root: Path, settings: dict):
+        blob = json.dumps(settings, sort_keys=True)
+        self.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        self.dir = Path(root) / self.key
+        self.settings = settings
+        self.hits = self.misses = 0
+
+    def _path(self, digest: str) -> Path:
+        return self.dir / digest[:2] / f"{digest}.npy"
+
+    def get(self, digest: str, shape: tuple[int, ...]) -> Optional[np.ndarray]:
+        path = self._path(digest)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            self.misses += 1
+            return None
+        if arr.shape != shape or arr.dtype != np.float32:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return arr
+
+    def put(self, digest: str, value: np.ndarray) -> None:
+        path = self._path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = self.dir / "key.json"
+        if not info.is_file():
+            with atomic_path(info) as tmp:
+                tmp.write_text(json.dumps(self.settings, indent=2, sort_keys=True) + "\n")
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(value, dtype=np.float32), allow_pickle=False)
+
+
+def content_hash(data: np.ndarray) -> str:
+    return hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
 
 
 # ------------------------------------------------------------------ extractor
 class FeatureExtractor:
-    """Pooled multi-scale backbone features of image files, ``(N, T, dim)`` per call."""
+    """Pooled multi-scale backbone features of image files, ``(N, T, dim)`` per call.
+
+    ``extract`` reads files (decode overlapped with inference), uses the on-disk feature cache
+    (``use_cache``), and handles unreadable / truncated images as ``on_bad_image`` says:
+    ``error`` stops with the path, ``skip`` leaves the row NaN and lists it in ``self.skipped``.
+    """
 
     def __init__(self, backbone: str = "efficientnet_lite0", *, image_size: int = 224,
                  scales: Sequence[float] = (1.0,), pretrained: bool = True,
-                 weights: str | os.PathLike | None = None, threads: int = 2, batch_size: int = 16,
-                 cache: str | os.PathLike | None = None):
+                 weights: str | os.PathLike | None = None, threads: int = 2, batch_size: int = 32,
+                 cache: str | os.PathLike | None = None, feature_cache: bool = True):
         self.spec: BackboneSpec = get_backbone(backbone)
         self.image_size = int(image_size)
         self.scales = tuple(float(s) for s in scales)
@@ -193,15 +327,20 @@ class FeatureExtractor:
             raise ValueError("scales must name at least one image scale")
         self.threads = int(threads)
         self.batch_size = int(batch_size)
+        self.cache_root = cache_dir(cache)
+        self.feature_cache = bool(feature_cache)
         self.nets = [OnnxBackbone(backbone, s, pretrained=pretrained, weights=weights, threads=threads, cache=cache)
                      for s in scale_sizes(self.image_size, self.scales)]
         self.weights_id = self.nets[0].weights_id
+        self.skipped: list[tuple[str, str]] = []
+        self.conversions: dict[str, int] = {}
 
     @classmethod
-    def from_params(cls, train, cache: str | os.PathLike | None = None, batch_size: int = 16) -> "FeatureExtractor":
-        """Build from ``params.train`` (backbone, weights, pretrained, image_size, scales, threads)."""
+    def from_params(cls, train, cache: str | os.PathLike | None = None, batch_size: int = 32) -> "FeatureExtractor":
+        """Build from ``params.train`` (backbone, weights, pretrained, image_size, scales, threads, feature_cache)."""
         return cls(train.backbone, image_size=train.image_size, scales=train.scales, pretrained=train.pretrained,
-                   weights=train.weights, threads=train.threads, batch_size=batch_size, cache=cache)
+                   weights=train.weights, threads=train.threads, batch_size=batch_size, cache=cache,
+                   feature_cache=getattr(train, "feature_cache", True))
 
     @property
     def dim(self) -> int:
@@ -212,41 +351,95 @@ class FeatureExtractor:
                 "scales": list(self.scales), "layers": [l.name for l in self.spec.layers],
                 "feature_dim": self.dim}
 
+    def cache_settings(self, n_transforms: int) -> dict:
+        return {**self.describe(), "n_transforms": int(n_transforms), "transforms": "rotations 360*k/T",
+                "export_version": EXPORT_VERSION, "prep_version": PREP_VERSION,
+                "mean": list(self.spec.mean), "std": list(self.spec.std)}
+
+    def cache_for(self, n_transforms: int) -> FeatureCache:
+        return FeatureCache(self.cache_root / "features", self.cache_settings(n_transforms))
+
     def features(self, images: Sequence[np.ndarray], n_transforms: int) -> np.ndarray:
         """Features of in-memory float RGB images: ``(N, n_transforms, dim)`` float32."""
+        if not len(images):
+            return np.empty((0, n_transforms, self.dim), np.float32)
         inputs = prepare(images, n_transforms, self.image_size, self.scales, self.spec.mean, self.spec.std)
+        return self.features_of_inputs(inputs).reshape(len(images), n_transforms, self.dim)
+
+    def features_of_inputs(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        """Pooled features ``(M, dim)`` of prepared inputs (one ``(M, 3, s, s)`` array per scale)."""
         step = self.batch_size          # network batch: bounds ONNX Runtime's activation memory
-        pooled = [np.concatenate([pool(net.run(x[i:i + step])) for i in range(0, len(x), step)])
+        pooled = [np.concatenate([net.pooled(x[i:i + step]) for i in range(0, len(x), step)])
                   for net, x in zip(self.nets, inputs)]
-        return np.concatenate(pooled, axis=1).reshape(len(images), n_transforms, self.dim).astype(np.float32)
+        return np.concatenate(pooled, axis=1).astype(np.float32, copy=False)
 
     def extract(self, paths: Iterable[str | os.PathLike], n_transforms: int = 1,
-                progress: bool = False, desc: str = "features") -> np.ndarray:
-        """Features of image files: ``(N, n_transforms, dim)`` float32; loading overlaps inference."""
+                progress: bool = False, desc: str = "features", *, use_cache: bool | None = None,
+                on_bad_image: str = "error") -> np.ndarray:
+        """Features of image files: ``(N, n_transforms, dim)`` float32 (NaN rows for skipped images)."""
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         paths = [Path(p) for p in paths]
-        out = np.empty((len(paths), n_transforms, self.dim), np.float32)
+        use_cache = self.feature_cache if use_cache is None else bool(use_cache)
+        cache = self.cache_for(n_transforms) if use_cache else None
+        shape = (n_transforms, self.dim)
+        out = np.full((len(paths), n_transforms, self.dim), np.nan, np.float32)
+        self.skipped, self.conversions = [], {}
         if not paths:
             return out
-        batches = [paths[i:i + self.batch_size] for i in range(0, len(paths), self.batch_size)]
         bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=len(paths), desc=desc, unit="img", leave=False)
+
+        def load(idx: int):
+            """(index, digest, image or None, error or None); cache hits give no image."""
+            try:
+                data = read_bytes(paths[idx])
+                digest = content_hash(data) if cache is not None else None
+                if cache is not None:
+                    hit = cache.get(digest, shape)
+                    if hit is not None:
+                        return idx, digest, hit, None, None
+                img, conv = decode_image(data, paths[idx])
+                return idx, digest, None, _resize(img, self.image_size), conv
+            except ImageReadError as err:
+                if on_bad_image == "error":
+                    raise
+                return idx, None, None, None, str(err)
+
+        batches = [range(i, min(i + self.batch_size, len(paths))) for i in range(0, len(paths), self.batch_size)]
         with ThreadPoolExecutor(max_workers=max(1, self.threads)) as pool_:
-            def load(batch):
-                return [pool_.submit(_load_small, p, self.image_size) for p in batch]
-            pending = load(batches[0])
-            start = 0
-            for b, batch in enumerate(batches):
-                images = [f.result() for f in pending]
+            pending = [pool_.submit(load, i) for i in batches[0]]
+            for b in range(len(batches)):
+                results = [f.result() for f in pending]
                 if b + 1 < len(batches):
-                    pending = load(batches[b + 1])
-                out[start:start + len(batch)] = self.features(images, n_transforms)
-                start += len(batch)
+                    pending = [pool_.submit(load, i) for i in batches[b + 1]]
+                todo = []
+                for idx, digest, hit, img, extra in results:
+                    if hit is not None:
+                        out[idx] = hit
+                    elif img is None:
+                        self.skipped.append((str(paths[idx]), extra))
+                        log.warning("skipped unreadable image %s", extra)
+                    else:
+                        if extra:
+                            self.conversions[extra] = self.conversions.get(extra, 0) + 1
+                        todo.append((idx, digest, img))
+                if todo:
+                    feats = self.features([t[2] for t in todo], n_transforms)
+                    for (idx, digest, _), f in zip(todo, feats):
+                        out[idx] = f
+                        if cache is not None:
+                            cache.put(digest, f)
                 if bar is not None:
-                    bar.update(len(batch))
+                    bar.update(len(results))
         if bar is not None:
             bar.close()
+        for conv, n in sorted(self.conversions.items()):
+            log.info("%s: converted %d %s image(s) to RGB in [0, 1]", desc, n, conv)
+        if cache is not None and cache.hits:
+            log.info("%s: %d of %d images from the feature cache %s", desc, cache.hits, len(paths), cache.dir)
         return out
 
 

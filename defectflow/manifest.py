@@ -110,8 +110,13 @@ SYNTH = AUGMENT.extend(
 
 SCORES = SYNTH.extend(
     "scores",
-    _c("score", F, True, "anomaly score (higher = more anomalous)"),
+    _c("score", F, True, "anomaly score (higher = more anomalous): the train.score_from head's"),
     _c("pred_defect", B, False, "score >= threshold"),
+    _c("score_image", F, False, "image head score (null when that head is not trained)"),
+    _c("score_conv", F, False, "conv head score from its anomaly map (maps.score; null when not trained)"),
+    _c("map_mean", F, False, "conv head: mean of the anomaly map"),
+    _c("map_area", F, False, "conv head: share of map pixels >= the map threshold (null before one is fitted)"),
+    _c("n_boxes", I, False, "conv head: defect boxes at the map threshold (null before one is fitted)"),
 )
 
 VERDICTS = Schema("verdicts", (

@@ -1,11 +1,20 @@
 """Stage masks (DETECT -> MASKS): remove the background around each product crop.
 
-Per crop a soft foreground mask from the difference to the background plate
-(cropped and resized exactly like the crop). Per product + camera the soft masks
-of its window crops are averaged into a composite, thresholded at
-``masks.threshold``, reduced to its largest component with holes filled, then
-shrunk by ``masks.shrink`` about the centre and padded back (seed 000, III.B,
-Fig. 4d). The composite is applied to every crop of that product/camera.
+``masks.method`` (the three inputs compared in seed 000, Tables I-II):
+
+- ``mask`` (default): per crop a soft foreground mask from the difference to the
+  background plate (cropped and resized exactly like the crop), refined edge-aware by
+  a guided filter steered by the crop (``masks.refine``; the part BGMv2 plays in the
+  paper, offline). Per product + camera the soft masks of its window crops are averaged
+  into a composite (the linear sum of seed 000, III.B, normalised by the count),
+  thresholded at ``masks.threshold``, reduced to its largest component with holes
+  filled, then shrunk by ``masks.shrink`` about the centre and padded back (Fig. 4d).
+  The composite is applied to every crop of that product/camera. Files kept for the
+  report (Fig. 4): ``fg/`` soft masks, ``composite_raw/`` before the shrink,
+  ``composite/`` the applied mask, ``masked/`` the masked crops.
+- ``crop``: ``masks.shrink`` of the side cut off each side of every image, resized back
+  ("images with 10% cropping"); works for image sources too.
+- ``none``: the detect crops as they are (rows forwarded).
 """
 from __future__ import annotations
 
@@ -27,30 +36,99 @@ from defectflow.stage import StageOutput, StageReport, logger, manifest_path, st
 log = logger("masks")
 
 BOX_COLS = ["box_x0", "box_y0", "box_x1", "box_y1"]
+GUIDED_EPS = 1e-3     # guided-filter regularisation (guide in [0, 1]): lower follows weaker edges
+GUIDED_GRID = 64      # the guided filter's coefficients are fitted on about this many pixels a side
 
 
 class MasksError(DefectflowError):
     """A crop does not match what the detect stage writes."""
 
 
-def soft_foreground(crop: np.ndarray, plate_crop: np.ndarray, diff_threshold: int) -> np.ndarray:
-    """Foreground likelihood in [0, 1] (float32): blurred plate difference, ramped around the threshold.
+def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float, sub: int = 1) -> np.ndarray:
+    """Edge-preserving smoothing of ``src`` (float32 HxW) steered by ``guide`` (He et al., 2010).
 
-    A difference of ``diff_threshold`` maps to 0.5; half of it to 0, 1.5 times it to 1.
+    ``guide``: uint8 BGR / grey (scaled to [0, 1] here) or float in [0, 1]. A colour guide
+    uses the full 3x3 colour covariance per window, so an edge between two colours of equal
+    brightness still steers the output. Box filters (cv2.boxFilter) of side 2 * radius + 1.
+    ``sub`` > 1: the fast guided filter (He & Sun, 2015): the linear coefficients are fitted
+    on a ``sub`` times smaller copy and upsampled, the output keeps the guide's full detail.
+    """
+    g = guide.astype(np.float32) / (255.0 if guide.dtype == np.uint8 else 1.0)
+    p = src.astype(np.float32)
+    h, w = p.shape
+    gs, ps, r = g, p, radius
+    if sub > 1:
+        small = (max(1, w // sub), max(1, h // sub))
+        gs = cv2.resize(g, small, interpolation=cv2.INTER_AREA)
+        ps = cv2.resize(p, small, interpolation=cv2.INTER_AREA)
+        r = max(1, round(radius / sub))
+    k = (2 * r + 1, 2 * r + 1)
+    box = lambda x: cv2.boxFilter(x, cv2.CV_32F, k, borderType=cv2.BORDER_REFLECT)  # noqa: E731
+    mean_p = box(ps)
+    if gs.ndim == 2:
+        mean_i = box(gs)
+        a = (box(gs * ps) - mean_i * mean_p) / (box(gs * gs) - mean_i * mean_i + eps)
+        b = mean_p - a * mean_i
+    else:
+        c = gs.shape[2]
+        mean_i = box(gs)                                                  # h x w x 3
+        cov_ip = box(gs * ps[:, :, None]) - mean_i * mean_p[:, :, None]   # h x w x 3
+        sigma = np.empty(gs.shape[:2] + (c, c), np.float32)
+        for i in range(c):
+            for j in range(i, c):
+                v = box(gs[:, :, i] * gs[:, :, j]) - mean_i[:, :, i] * mean_i[:, :, j]
+                sigma[:, :, i, j] = sigma[:, :, j, i] = v
+        sigma += eps * np.eye(c, dtype=np.float32)
+        a = np.linalg.solve(sigma, cov_ip[..., None])[..., 0]             # h x w x 3
+        b = mean_p - (a * mean_i).sum(axis=2)
+    a, b = box(a), box(b)
+    if sub > 1:
+        a = cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR)
+        b = cv2.resize(b, (w, h), interpolation=cv2.INTER_LINEAR)
+    return (a * g).sum(axis=2) + b if a.ndim == 3 else a * g + b
+
+
+def soft_foreground(crop: np.ndarray, plate_crop: np.ndarray, diff_threshold: int,
+                    refine: bool = True) -> np.ndarray:
+    """Foreground likelihood in [0, 1] (float32) of a crop against its background plate.
+
+    The per-pixel colour difference, lightly blurred, is ramped around ``diff_threshold``
+    (a difference of ``diff_threshold`` maps to 0.5, half of it to 0, 1.5 times it to 1).
+    ``refine``: the ramp is then refined edge-aware by a guided filter steered by the crop
+    itself, so the soft mask snaps to the product's outline and noise specks fade (the
+    role BGMv2's refinement plays in seed 000, here offline and without a network).
     """
     if crop.shape != plate_crop.shape:
         raise ValueError(f"crop {crop.shape} and background crop {plate_crop.shape} differ in size")
+    size = crop.shape[0]
     diff = colour_diff(crop, plate_crop).astype(np.float32)
-    diff = cv2.GaussianBlur(diff, (0, 0), sigmaX=max(1.0, crop.shape[0] / 128))
+    diff = cv2.GaussianBlur(diff, (0, 0), sigmaX=max(1.0, size / 128))
     t = float(diff_threshold)
-    return np.clip((diff - t / 2) / t, 0.0, 1.0)
+    soft = np.clip((diff - t / 2) / t, 0.0, 1.0)
+    if refine:
+        soft = np.clip(guided_filter(crop, soft, radius=max(2, size // 32), eps=GUIDED_EPS,
+                                      sub=max(1, size // GUIDED_GRID)), 0.0, 1.0)
+    return soft
 
 
 def composite_mask(soft_masks: list[np.ndarray], threshold: float, shrink: float) -> np.ndarray:
     """Composite 0/255 mask of one product/camera: mean -> threshold -> largest filled blob -> shrink + pad."""
+    return shrink_and_pad(raw_composite(soft_masks, threshold), shrink)
+
+
+def raw_composite(soft_masks: list[np.ndarray], threshold: float) -> np.ndarray:
+    """The composite before the shrink: mean of the soft masks -> threshold -> largest filled blob (0/255)."""
     mean = np.mean(np.stack(soft_masks), axis=0)
-    binary = (mean >= threshold).astype(np.uint8) * 255
-    return shrink_and_pad(largest_filled(binary), shrink)
+    return largest_filled((mean >= threshold).astype(np.uint8) * 255)
+
+
+def crop_border(img: np.ndarray, fraction: float) -> np.ndarray:
+    """Cut ``fraction`` of the side off each side of ``img`` and resize back (seed 000, "10% cropping")."""
+    h, w = img.shape[:2]
+    dy, dx = int(round(h * fraction)), int(round(w * fraction))
+    if fraction <= 0 or 2 * dy >= h or 2 * dx >= w:
+        return img.copy()
+    return cv2.resize(img[dy:h - dy, dx:w - dx], (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def apply_mask(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -80,58 +158,83 @@ def _mask_group(rows: list[dict], plates: dict, params: Params, out: StageOutput
             raise MasksError(f"{row['image_path']}: crop of shape {crop.shape}; the detect stage writes "
                              f"square crops of one size per product/camera")
         soft = soft_foreground(crop, _plate_crop(plates, row, params.detect.margin, crop.shape[0]),
-                               params.detect.diff_threshold)
+                               params.masks.diff_threshold, refine=params.masks.refine)
         tmp, fg_path = out.path(f"fg/{safe_name(row['item_id'])}.png")
-        write_image(tmp, (soft * 255).round().astype(np.uint8))
+        write_image(tmp, (soft * 255).round().astype(np.uint8), atomic=False)
         crops.append(crop)
         softs.append(soft)
         updates[row["item_id"]] = {"fg_mask_path": fg_path}
-    comp = composite_mask(softs, params.masks.threshold, params.masks.shrink)
-    if not comp.any():
+    raw = raw_composite(softs, params.masks.threshold)
+    if not raw.any():
         return updates
+    comp = shrink_and_pad(raw, params.masks.shrink)
+    tmp, _ = out.path(f"composite_raw/{tag}.png")          # before the shrink: for reports / figures
+    write_image(tmp, raw, atomic=False)
     tmp, comp_path = out.path(f"composite/{tag}.png")
-    write_image(tmp, comp)
+    write_image(tmp, comp, atomic=False)
     for row, crop in zip(rows, crops):
         tmp, masked_path = out.path(f"masked/{safe_name(row['item_id'])}.png")
-        write_image(tmp, apply_mask(crop, comp))
+        write_image(tmp, apply_mask(crop, comp), atomic=False)
         updates[row["item_id"]].update(composite_mask_path=comp_path, image_path=masked_path)
     return updates
 
 
+def _crop_rows(records: list[dict], fraction: float, out: StageOutput) -> list[dict]:
+    """masks.method=crop: every image with ``fraction`` cut off each side (resized back)."""
+    rows = []
+    for row in tqdm(records, desc="masks (crop)", unit="image", disable=None, leave=False):
+        tmp, path = out.path(f"cropped/{safe_name(row['item_id'])}.png")
+        write_image(tmp, crop_border(read_image(row["image_path"]), fraction), atomic=False)
+        rows.append({**row, "image_path": path})
+    return rows
+
+
+def _composite_rows(df: pd.DataFrame, has_plate: pd.Series, params: Params, out: StageOutput,
+                    report: StageReport) -> list[dict]:
+    """masks.method=mask: soft masks, composites and masked crops per product/camera."""
+    records = df.to_dict("records")
+    groups: dict[tuple, list[dict]] = {}
+    for row, ok in zip(records, has_plate):
+        if ok:
+            groups.setdefault((row["run"], row["product_id"], row["camera"]), []).append(row)
+    plates: dict[str, np.ndarray] = {}
+    updates: dict[str, dict] = {}
+    empty = 0
+    for (run_id, product, cam), rows in tqdm(groups.items(), desc="masks", unit="product",
+                                             disable=None, leave=False):
+        tag = "_".join(safe_name(x) for x in (run_id, product, cam))
+        got = _mask_group(rows, plates, params, out, tag)
+        if not any("composite_mask_path" in u for u in got.values()):
+            empty += 1
+            log.warning("%s/%s/%s: composite mask is empty, crops forwarded unmasked", run_id, product, cam)
+        updates.update(got)
+    report.notes.append(f"{len(groups) - empty} composite mask(s) (product x camera), "
+                        f"shrunk by {params.masks.shrink:.0%}")
+    if empty:
+        report.notes.append(f"{empty} product/camera composite(s) empty: crops forwarded unmasked")
+    if (~has_plate).any():
+        report.notes.append(f"{int((~has_plate).sum())} row(s) without box/background forwarded unmasked")
+    return [{**r, **updates.get(r["item_id"], {})} for r in records]
+
+
 def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
-    """Soft masks, composite masks and masked crops for every detected crop of ``inp``."""
+    """Remove the background of every detected crop of ``inp`` as ``masks.method`` says."""
     df = read_manifest(manifest_path(inp), DETECT)
-    if not params.masks.enabled:
-        return skip_stage("masks", df, MASKS, inp, out_dir, "masks.enabled=false")
+    method = params.masks.method
+    if method == "none":
+        return skip_stage("masks", df, MASKS, inp, out_dir, "masks.method=none: crops used as they are")
     has_plate = df["background_path"].notna() & df[BOX_COLS].notna().all(axis=1)
-    if not has_plate.any():
+    if method == "mask" and not has_plate.any():
         return skip_stage("masks", df, MASKS, inp, out_dir,
                           "images source: no background plates or boxes (detect did not run)")
     with stage_run("masks", out_dir) as (out, report):
-        records = df.to_dict("records")
-        groups: dict[tuple, list[dict]] = {}
-        for row, ok in zip(records, has_plate):
-            if ok:
-                groups.setdefault((row["run"], row["product_id"], row["camera"]), []).append(row)
-        plates: dict[str, np.ndarray] = {}
-        updates: dict[str, dict] = {}
-        empty = 0
-        for (run_id, product, cam), rows in tqdm(groups.items(), desc="masks", unit="product",
-                                                 disable=None, leave=False):
-            tag = "_".join(safe_name(x) for x in (run_id, product, cam))
-            got = _mask_group(rows, plates, params, out, tag)
-            if not any("composite_mask_path" in u for u in got.values()):
-                empty += 1
-                log.warning("%s/%s/%s: composite mask is empty, crops forwarded unmasked", run_id, product, cam)
-            updates.update(got)
-        out_df = pd.DataFrame([{**r, **updates.get(r["item_id"], {})} for r in records], columns=MASKS.names)
-        write_manifest(out_df, MASKS, out.manifest)
+        if method == "crop":
+            rows = _crop_rows(df.to_dict("records"), params.masks.shrink, out)
+            report.notes.append(f"{len(rows)} image(s) cropped by {params.masks.shrink:.0%} on each side")
+        else:
+            rows = _composite_rows(df, has_plate, params, out, report)
+        out_df = pd.DataFrame(rows, columns=MASKS.names)
+        write_manifest(out_df, MASKS, out.manifest, meta={"method": method})
         report.read.append(str(inp))
         report.n_in, report.n_out = len(df), len(out_df)
-        report.notes.append(f"{len(groups) - empty} composite mask(s) (product x camera), "
-                            f"shrunk by {params.masks.shrink:.0%}")
-        if empty:
-            report.notes.append(f"{empty} product/camera composite(s) empty: crops forwarded unmasked")
-        if (~has_plate).any():
-            report.notes.append(f"{int((~has_plate).sum())} row(s) without box/background forwarded unmasked")
     return report

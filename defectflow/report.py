@@ -44,6 +44,11 @@ _TEMPLATE = """<!doctype html>
  {% if metrics.product_accuracy is not none %}<div class="card"><div class="n">{{ "%.1f"|format(100 * metrics.product_accuracy) }}%</div>product accuracy</div>{% endif %}
 </div>
 {% for note in notes %}<p class="note">{{ note }}</p>{% endfor %}
+{% if bands %}<h2>Operator bands (fitted on validation)</h2>
+<table><tr><th>band</th><th>score</th>{% if bands.test_counts %}<th>good test images</th><th>defective test images</th>{% endif %}</tr>
+{% for b in band_rows %}<tr><td><span class="tag {{ b.tag }}">{{ b.name }}</span></td><td class="num">{{ b.range }}</td>
+{% if bands.test_counts %}<td class="num">{{ bands.test_counts.good[b.name] }}</td><td class="num">{{ bands.test_counts.defect[b.name] }}</td>{% endif %}</tr>{% endfor %}
+</table>{% endif %}
 <h2>Metrics (test images)</h2>
 <table>
 {% for key, value in metric_rows %}<tr><th>{{ key }}</th><td class="num">{{ value }}</td></tr>{% endfor %}
@@ -54,8 +59,9 @@ _TEMPLATE = """<!doctype html>
 <div class="plots">{% if roc_png %}<img alt="ROC curve" src="data:image/png;base64,{{ roc_png }}">{% endif %}
 {% if hist_png %}<img alt="score histogram" src="data:image/png;base64,{{ hist_png }}">{% endif %}</div>
 <h2>Flagged products ({{ n_flagged }}{% if flagged|length < n_flagged %}, {{ flagged|length }} shown{% endif %})</h2>
-{% if flagged %}<table><tr><th>image</th><th>product</th><th>run</th><th>true label</th><th>max score</th><th>flagged cameras</th></tr>
+{% if flagged %}<table><tr><th>image</th>{% if has_overlays %}<th>heat map + boxes</th>{% endif %}<th>product</th><th>run</th><th>true label</th><th>max score</th><th>flagged cameras</th></tr>
 {% for p in flagged %}<tr><td>{% if p.thumb %}<img alt="{{ p.product_id }}" src="data:image/jpeg;base64,{{ p.thumb }}">{% else %}(image unavailable){% endif %}</td>
+{% if has_overlays %}<td>{% if p.overlay %}<img alt="{{ p.product_id }} anomaly map" src="data:image/jpeg;base64,{{ p.overlay }}">{% else %}(no map){% endif %}</td>{% endif %}
 <td>{{ p.product_id }}</td><td>{{ p.run }}</td><td><span class="tag {{ p.label }}">{{ p.label }}</span></td>
 <td class="num">{{ "%.4g"|format(p.max_score) }}</td><td>{{ p.flagged_cameras }}</td></tr>{% endfor %}</table>
 {% else %}<p>No product was flagged.</p>{% endif %}
@@ -69,6 +75,11 @@ def thumbnail(path: str | Path, size: int = THUMB_PX) -> str | None:
         img = read_image(path, cv2.IMREAD_COLOR)
     except ImageReadError:
         return None
+    return encode_thumb(img, size)
+
+
+def encode_thumb(img: np.ndarray, size: int = THUMB_PX) -> str | None:
+    """Base64 JPEG of a BGR uint8 image shrunk to ``size`` px on its longer side."""
     h, w = img.shape[:2]
     f = size / max(h, w)
     if f < 1:
@@ -82,12 +93,14 @@ def _fmt(v) -> str:
         return "n/a"
     if isinstance(v, float):
         return f"{v:.4f}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
     return str(v)
 
 
 def write_report(path: Path, metrics: dict, verdicts: pd.DataFrame, scores: pd.DataFrame, threshold: float,
                  method_used: str, roc_png: bytes | None, hist_png: bytes | None, max_images: int = 24,
-                 notes: list[str] | None = None) -> Path:
+                 notes: list[str] | None = None, overlays: dict | None = None) -> Path:
     """Render the report to ``path`` (atomic). Thumbnails: the highest-scoring image of each flagged product."""
     from jinja2 import Environment, select_autoescape
 
@@ -96,20 +109,30 @@ def write_report(path: Path, metrics: dict, verdicts: pd.DataFrame, scores: pd.D
     for rec in flagged_df.head(max_images).to_dict("records"):
         rows = scores[scores["product_id"] == rec["product_id"]]
         thumb = thumbnail(rows.loc[rows["score"].idxmax(), "image_path"]) if len(rows) else None
-        flagged.append({**rec, "thumb": thumb})
-    keys = ("image_auroc", "accuracy", "precision", "recall", "f1", "fpr", "n_test", "n_good", "n_defect",
+        flagged.append({**rec, "thumb": thumb, "overlay": (overlays or {}).get(str(rec["product_id"]))})
+    keys = ("score_from", "image_auroc", "image_auroc_ci", "pixel_auroc", "map_threshold", "n_boxes", "accuracy", "precision", "recall", "f1", "fpr", "n_test", "n_good", "n_defect",
             "n_unknown", "tp", "fp", "tn", "fn", "product_accuracy", "n_products")
     metric_rows = [(k, _fmt(metrics.get(k))) for k in keys if k in metrics]
+    metric_rows += [(f"image_auroc ({h} head)", _fmt(v.get("image_auroc")))
+                    for h, v in (metrics.get("heads") or {}).items()]
     per_type = [{"name": k, "n": v["n"], "auroc": _fmt(v["auroc"])}
                 for k, v in (metrics.get("per_defect_type") or {}).items()]
+    bands = metrics.get("bands")
+    band_rows = []
+    if bands:
+        lo, hi = bands["low"], bands["high"]
+        band_rows = [{"name": "good", "tag": "good", "range": f"< {lo:.4g}"},
+                     {"name": "review", "tag": "unknown", "range": f"{lo:.4g} to {hi:.4g}"},
+                     {"name": "bad", "tag": "defect", "range": f">= {hi:.4g}"}]
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
     html = env.from_string(_TEMPLATE).render(
         generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), threshold=threshold, method_used=method_used,
         n_test=metrics.get("n_test", 0), n_products=len(verdicts), n_flagged=len(flagged_df),
         n_passed=int((verdicts["verdict"] == "good").sum()), metrics=metrics, metric_rows=metric_rows,
-        per_type=per_type, notes=list(notes or []) + list(metrics.get("notes") or []),
+        per_type=per_type, bands=bands, band_rows=band_rows, notes=list(notes or []) + list(metrics.get("notes") or []),
         roc_png=base64.b64encode(roc_png).decode() if roc_png else None,
-        hist_png=base64.b64encode(hist_png).decode() if hist_png else None, flagged=flagged)
+        hist_png=base64.b64encode(hist_png).decode() if hist_png else None, flagged=flagged,
+        has_overlays=bool(overlays))
     with atomic_path(path) as tmp:
         tmp.write_text(html, encoding="utf-8")
     return path

@@ -7,19 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from defectflow.config import params_from_dict
+from defectflow.config import params_from_dict, set_key
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ("defectflow", "tasks", "flows")
-
-
-def set_key(params: dict, dotted: str, value) -> None:
-    """``set_key(p, "train.epochs", 5)`` sets ``p["train"]["epochs"] = 5``."""
-    *parents, last = dotted.split(".")
-    node = params
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[last] = value
 
 
 def copy_project(dst: Path | str, overrides: dict | None = None, root: Path = ROOT) -> Path:

@@ -11,6 +11,19 @@ source) it falls back to the ``1 - fallback_fpr`` quantile of the good validatio
 (about ``fallback_fpr`` of good images flagged) and says so (``method_used``).
 Fewer than 2 good validation images stop the stage.
 
+Only *calibration* validation images are used: the good ones that picked the training epoch
+(``model/val_split.json``) are left out, so the threshold is not fitted on images the model
+was selected on. Operator bands (:func:`fit_bands`): ``good`` below ``low``, ``review`` from
+``low`` to ``high``, ``bad`` at or above ``high``.
+
+The threshold is fitted on ``score``: the ``train.score_from`` head's. With a conv head the
+stage also fits the **map threshold** (``threshold.json["conv"]``): a map pixel at or above it is
+defective, its connected regions are the boxes. It is the image threshold itself when the conv head
+scores (``score_from: conv``, ``maps.score: max``: a flagged image then has a pixel over it), else
+the ``1 - fallback_fpr`` quantile of the good calibration images' map maxima (about
+``fallback_fpr`` of good images get a box). Also the overlay colour range: ``vmin`` = median of
+the good calibration maps, ``vmax = vmin + 3 (map threshold - vmin)``.
+
 Writes ``threshold.json`` (atomically) and the scored validation rows (SCORES schema).
 """
 from __future__ import annotations
@@ -26,7 +39,7 @@ from defectflow.config import Params
 from defectflow.errors import DefectflowError
 from defectflow.fsutil import atomic_path
 from defectflow.manifest import SCORES, SYNTH, read_manifest, write_manifest
-from defectflow.scoring import load_model, score_items, select_rows
+from defectflow.scoring import HEADS, calibration_rows, load_heads, score_with_maps, select_rows
 from defectflow.stage import StageReport, logger, manifest_path
 
 log = logger("threshold")
@@ -92,6 +105,72 @@ def fit_threshold(scores, labels, method: str = "target_tpr", target_tpr: float 
             "tpr": None if np.isnan(tpr) else tpr, "fpr": None if np.isnan(fpr) else fpr}
 
 
+def fit_bands(scores, labels, threshold: float, review_quantile: float = 0.90) -> dict:
+    """Operator bands from the validation score histogram.
+
+    ``low = min(threshold, q_review(good))``, ``high = max(threshold, max(good))``: below ``low``
+    an image passes (it looks like the bulk of good images), at or above ``high`` it is worse than
+    every good validation image (reject), in between a person should look. Also the share of
+    validation images per band and label.
+    """
+    s = np.asarray(scores, np.float64)
+    lab = np.asarray(labels, dtype=object)
+    good = s[lab == "good"]
+    low = min(float(threshold), float(np.quantile(good, review_quantile)))
+    high = max(float(threshold), float(good.max()))
+    band = band_of(s, low, high)
+    share = {}
+    for name in ("good", "defect"):
+        sel = lab == name
+        if sel.any():
+            share[name] = {b: float((band[sel] == b).mean()) for b in ("good", "review", "bad")}
+    return {"low": low, "high": high, "review_quantile": review_quantile,
+            "rule": "good: score < low; review: low <= score < high; bad: score >= high",
+            "val_share": share}
+
+
+def band_of(scores, low: float, high: float) -> np.ndarray:
+    s = np.asarray(scores, np.float64)
+    return np.where(s >= high, "bad", np.where(s >= low, "review", "good")).astype(object)
+
+
+def fit_map_threshold(scored, amaps: np.ndarray, threshold: float, scored_by: str, params: Params) -> dict:
+    """The conv head's map (pixel / box) threshold and overlay colour range from calibration rows.
+
+    ``score_from: conv`` with ``maps.score: max``: the image threshold itself. Otherwise the
+    ``1 - threshold.fallback_fpr`` quantile of the good calibration images' map maxima.
+    """
+    lab = scored["label"].to_numpy()
+    good = lab == "good"
+    if amaps is None or not good.any():
+        raise ThresholdError("no good calibration maps to fit the conv head's map threshold on")
+    gmaps = amaps[good]
+    fpr = params.threshold.fallback_fpr
+    if scored_by == "conv" and params.maps.score == "max":
+        thr, rule = float(threshold), "the image threshold (score_from conv, maps.score max)"
+    else:
+        maxima = gmaps.reshape(len(gmaps), -1).max(axis=1)
+        thr = float(np.quantile(maxima, 1.0 - fpr))
+        rule = (f"{1 - fpr:.3f} quantile of the map maxima of {int(good.sum())} good calibration images "
+                f"(threshold.fallback_fpr = {fpr})")
+    vmin = float(np.median(gmaps))
+    vmax = vmin + 3.0 * max(thr - vmin, 1e-6)
+    s = scored[HEADS["conv"]].to_numpy()
+    return {"map_threshold": thr, "rule": rule, "vmin": vmin, "vmax": vmax,
+            "maps": params.maps.model_dump(mode="json"),
+            "good_with_box_share": float((gmaps.reshape(len(gmaps), -1).max(axis=1) >= thr).mean()),
+            "good_scores": _stats(s[good]), "defect_scores": _stats(s[lab == "defect"])}
+
+
+def _map_summary(scored, amaps: np.ndarray, thr: float, params: Params) -> None:
+    """Fill ``map_area`` and ``n_boxes`` of ``scored`` (in place) at the map threshold."""
+    from defectflow.anomaly_maps import boxes_from_map
+
+    flat = amaps.reshape(len(amaps), -1)
+    scored["map_area"] = (flat >= thr).mean(axis=1)
+    scored["n_boxes"] = [len(boxes_from_map(a, thr, min_area=params.maps.min_area)) for a in amaps]
+
+
 def _stats(x: np.ndarray) -> dict | None:
     if len(x) == 0:
         return None
@@ -104,16 +183,27 @@ def run(params: Params, inp: Path, model_dir: Path, out_path: Path, scores_path:
     report = StageReport("threshold")
     src = manifest_path(inp)
     df = read_manifest(src, SYNTH)
-    val = select_rows(df, "val")
+    val_all = select_rows(df, "val")
+    val, calib_note = calibration_rows(val_all, model_dir)
     n_good = int((val["label"] == "good").sum())
     if n_good < MIN_GOOD:
-        raise ThresholdError(f"{src}: {n_good} good validation image(s) (split=val, is_center); need at least "
-                             f"{MIN_GOOD} to fit a threshold (raise source.val_fraction or add good images)")
-    model = load_model(model_dir)
-    scored = score_items(val, model_dir, params, model=model, progress=True)
+        raise ThresholdError(f"{src}: {n_good} good calibration image(s) (split=val, is_center, not used to "
+                             f"pick the epoch); need at least {MIN_GOOD} to fit a threshold (raise "
+                             "source.val_fraction, add good images, or lower train.select_fraction)")
+    heads = load_heads(model_dir)
+    scored, amaps = score_with_maps(val, model_dir, params, model=heads, progress=True,
+                                    keep_maps=heads.conv is not None)
+    skipped = scored.attrs.get("skipped") or []
+    scored_by = scored.attrs["scored_by"]
     tp = params.threshold
     fit = fit_threshold(scored["score"], scored["label"], tp.method, tp.target_tpr, tp.fallback_fpr)
+    bands = fit_bands(scored["score"], scored["label"], fit["threshold"], tp.review_quantile)
     scored["pred_defect"] = scored["score"] >= fit["threshold"]
+    conv = None
+    if heads.conv is not None:
+        conv = fit_map_threshold(scored, amaps, fit["threshold"], scored_by, params)
+        _map_summary(scored, amaps, conv["map_threshold"], params)
+    del amaps
     s, lab = scored["score"].to_numpy(), scored["label"].to_numpy()
     auroc = None
     if fit["n_defect"] and fit["n_good"]:
@@ -121,11 +211,17 @@ def run(params: Params, inp: Path, model_dir: Path, out_path: Path, scores_path:
         auroc = float(roc_auc_score(lab[known] == "defect", s[known]))
     result = {
         "threshold": fit["threshold"],
+        "score_from": scored_by,
+        "heads": list(heads.names),
+        "conv": conv,
         "method": tp.method,
         "method_used": fit["method_used"],
         "note": fit["note"],
         "params": tp.model_dump(mode="json"),
         "model": str(model_dir),
+        "bands": bands,
+        "calibration": calib_note,
+        "skipped_images": [{"path": p, "error": m} for p, m in skipped],
         "val": {"n": int(len(scored)), "n_good": fit["n_good"], "n_defect": fit["n_defect"],
                 "n_unknown": int((~np.isin(lab, ["good", "defect"])).sum()),
                 "tpr": fit["tpr"], "fpr": fit["fpr"], "auroc": auroc,
@@ -141,6 +237,13 @@ def run(params: Params, inp: Path, model_dir: Path, out_path: Path, scores_path:
     report.notes.append(f"threshold {fit['threshold']:.5g} by {fit['method_used']} on {len(scored)} validation "
                         f"images ({fit['n_good']} good, {fit['n_defect']} defective); val TPR {fit['tpr']}, "
                         f"FPR {fit['fpr']}")
+    report.notes.append(f"calibration: {calib_note}")
+    report.notes.append(f"heads: {', '.join(heads.names)}; score from the {scored_by} head")
+    if conv is not None:
+        report.notes.append(f"map threshold {conv['map_threshold']:.5g} ({conv['rule']})")
+    report.notes.append(f"operator bands: good < {bands['low']:.5g} <= review < {bands['high']:.5g} <= bad")
+    if skipped:
+        report.notes.append(f"skipped {len(skipped)} unreadable image(s): " + "; ".join(p for p, _ in skipped))
     if fit["note"]:
         report.notes.append(fit["note"])
         log.warning("threshold: %s", fit["note"])

@@ -6,10 +6,24 @@ Reads ``inp/manifest.parquet`` (SYNTH schema) and writes into ``out_dir`` (atomi
 - ``card.json``        params used, n_train, timings, final and best losses
 - ``train_loss.csv``   ``epoch,train_nll,val_nll`` per epoch (DVC plots)
 
+- ``val_split.json``   which good validation images picked the epoch (``select``) and which
+                       are left to calibrate the threshold (``calibrate``)
+- ``density.onnx``     the density head alone (pooled features in, score out) for ONNX Runtime
+- ``conv.pt``          the conv head (``train.head: conv | both``): fully convolutional density model
+                       on unpooled maps of ``train.conv.levels``, one rotation per image; per level the
+                       epoch with the lowest selection-part val NLL; ``conv_loss.csv`` its curve
+
+``model.pt``, ``density.onnx`` are written for ``train.head: image | both``; ``card.json`` has a
+``heads`` list and a ``conv`` section when the conv head is trained.
+
 Training rows: ``split == train`` and ``label == good`` -- every window frame, augmented
 copy and synthetic image. Each gives ``train.n_transforms`` rotated feature vectors.
-Validation rows (``split == val``, good, ``is_center`` originals) only pick the epoch with
-the lowest validation NLL; test rows are never read.
+Validation rows (``split == val``, good, ``is_center`` originals) are split, seeded, into a
+*selection* part (``train.select_fraction``: its NLL picks the epoch and stops training) and a
+*calibration* part that the threshold stage uses alone -- so the images that chose the epoch
+never also set the threshold (that bias gave 7 % FPR on val but 30 % on bottle's test goods).
+``train.selection: last_epoch`` trains every epoch and leaves all val images to calibration.
+Test rows are never read. Backbone features come from the on-disk feature cache when present.
 """
 from __future__ import annotations
 
@@ -27,7 +41,8 @@ from defectflow.density import FitConfig, fit_density
 from defectflow.errors import DefectflowError
 from defectflow.features import FeatureExtractor
 from defectflow.manifest import SYNTH, read_manifest
-from defectflow.scoring import MODEL_FILE, save_model, select_rows
+from defectflow.scoring import (CONV_FILE, HEAD_FILE, MODEL_FILE, VAL_SPLIT_FILE, export_head, extract_maps,
+                                map_extractor, save_model, select_rows)
 from defectflow.stage import StageReport, logger, manifest_path, stage_run
 
 log = logger("train")
@@ -52,60 +67,211 @@ def validation_rows(df: pd.DataFrame) -> pd.DataFrame:
     return val[val["label"] == "good"]
 
 
+MIN_CALIBRATE = 2
+
+
+def split_validation(val_df: pd.DataFrame, seed: int, select_fraction: float, selection: str,
+                     origin: str = "validation") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(selection rows, calibration rows) of the good validation rows, seeded and order-independent.
+
+    Raises TrainError when the split is too small: selection needs 1 image and calibration
+    :data:`MIN_CALIBRATE` (the threshold stage's minimum).
+    """
+    if selection == "last_epoch":
+        return val_df.iloc[:0], val_df
+    n = len(val_df)
+    n_sel = int(round(n * select_fraction))
+    n_sel = min(max(n_sel, 1), n - MIN_CALIBRATE)
+    if n < 1 + MIN_CALIBRATE or n_sel < 1:
+        raise TrainError(f"{origin}: {n} good validation image(s) (split=val, is_center); train.selection "
+                         f"val_split needs at least {1 + MIN_CALIBRATE} (1 to pick the epoch, {MIN_CALIBRATE} to "
+                         "calibrate the threshold): raise source.val_fraction, add good images, or set "
+                         "train.selection: last_epoch")
+    ordered = val_df.sort_values("item_id", kind="stable")
+    perm = np.random.default_rng(seed).permutation(n)
+    return ordered.iloc[np.sort(perm[:n_sel])], ordered.iloc[np.sort(perm[n_sel:])]
+
+
+def _drop_skipped(df: pd.DataFrame, feats: np.ndarray, what: str, skipped: list) -> tuple[pd.DataFrame, np.ndarray]:
+    ok = ~np.isnan(feats).any(axis=(1, 2)) if len(feats) else np.zeros(0, bool)
+    if skipped:
+        log.warning("%s: skipped %d unreadable image(s): %s", what, len(skipped), "; ".join(m for _, m in skipped))
+    return df[ok], feats[ok]
+
+
 def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
     src = manifest_path(inp)
     df = read_manifest(src, SYNTH)
+    tp = params.train
     train_df, val_df = training_rows(df), validation_rows(df)
     if train_df.empty:
         raise TrainError(f"{src}: no good training images (rows with split=train and label=good); "
                          "check the source's splits and labels")
-    tp = params.train
+    sel_df, cal_df = split_validation(val_df, params.seed, tp.select_fraction, tp.selection, str(src))
     with stage_run("train", out_dir) as (out, report):
         t0 = time.perf_counter()
         seed_everything(params.seed)
         torch.set_num_threads(tp.threads)
-        fx = FeatureExtractor.from_params(tp)
-        train_feats = fx.extract(train_df["image_path"], tp.n_transforms, progress=True, desc="train features")
-        val_feats = fx.extract(val_df["image_path"], tp.n_transforms_test, progress=True, desc="val features") \
-            if len(val_df) else None
-        t_feat = time.perf_counter() - t0
-        cfg = FitConfig(n_blocks=tp.n_coupling_blocks, hidden=tp.hidden, clamp=tp.clamp, epochs=tp.epochs,
-                        batch_size=tp.batch_size, lr=tp.lr, weight_decay=tp.weight_decay, seed=params.seed)
-        result = fit_density(train_feats.reshape(-1, fx.dim), val_feats, cfg, progress=True)
-
-        card = {
-            "params": {"seed": params.seed, "train": tp.model_dump(mode="json")},
-            "features": fx.describe(),
-            "n_train_images": int(len(train_df)),
-            "n_train_vectors": int(len(train_df) * tp.n_transforms),
-            "n_train_synthetic": int(train_df["synthetic"].fillna(False).astype(bool).sum()),
-            "n_train_augmented": int(train_df["augment_of"].notna().sum()),
-            "n_val_images": int(len(val_df)),
-            "model_selection": ("epoch with the lowest validation NLL (good val images)" if len(val_df)
-                                else "last epoch (no validation images)"),
-            "best_epoch": result.best_epoch,
-            "final_train_nll": result.final_train_nll,
-            "selected_train_nll": result.history[result.best_epoch - 1]["train_nll"],
-            "best_val_nll": result.best_val_nll,
-            "density_params": int(sum(p.numel() for p in result.model.parameters())),
-            "feature_seconds": round(t_feat, 2),
-            "fit_seconds": round(result.seconds, 2),
-            "train_seconds": round(time.perf_counter() - t0, 2),
-            "loss": "mean NLL per feature dim, nats (0.5|z|^2 + 0.5 log 2pi - log|det J| per dim)",
-        }
-        model_file, _ = out.path(MODEL_FILE)
-        save_model(model_file, result.model, fx, params,
-                   extra={"best_epoch": result.best_epoch, "n_train_images": card["n_train_images"]})
+        skipped: list = []
+        card = {"params": {"seed": params.seed, "train": tp.model_dump(mode="json")}, "heads": list(tp.heads),
+                "scored_by": tp.scored_by}
+        if "image" in tp.heads:
+            train_df, sel_df = _train_image_head(params, src, train_df, sel_df, cal_df, val_df, out, report,
+                                                 card, skipped)
+        if "conv" in tp.heads:
+            train_df, sel_df = _train_conv_head(params, src, train_df, sel_df, out, report, card, skipped)
+        selection = (f"epoch with the lowest NLL on {len(sel_df)} good val images (selection part); "
+                     f"{len(cal_df)} other good val images calibrate the threshold"
+                     if len(sel_df) else
+                     f"last epoch (train.selection: {tp.selection}); all {len(cal_df)} good val images calibrate")
+        card.update({"model_selection": selection, "n_train_images": int(len(train_df)),
+                     "n_val_images": int(len(val_df)), "n_val_select": int(len(sel_df)),
+                     "n_val_calibrate": int(len(cal_df)),
+                     "skipped_images": [{"path": p, "error": m} for p, m in skipped]})
+        split_file, _ = out.path(VAL_SPLIT_FILE)
+        split_file.write_text(json.dumps({"selection": tp.selection, "seed": params.seed,
+                                          "select": sorted(sel_df["item_id"].astype(str)),
+                                          "calibrate": sorted(cal_df["item_id"].astype(str))}, indent=2) + "\n")
+        card["train_seconds"] = round(time.perf_counter() - t0, 2)
+        card["card_seconds"] = card["train_seconds"]
         card_file, _ = out.path("card.json")
         card_file.write_text(json.dumps(card, indent=2) + "\n")
-        loss_file, _ = out.path("train_loss.csv")
-        pd.DataFrame(result.history, columns=["epoch", "train_nll", "val_nll"]).to_csv(loss_file, index=False)
 
         report.read.append(str(src))
-        report.wrote += [str(Path(out_dir) / n) for n in (MODEL_FILE, "card.json", "train_loss.csv")]
+        report.wrote += [str(Path(out_dir) / n) for n in (VAL_SPLIT_FILE, "card.json", "train_loss.csv")]
         report.n_in, report.n_out = len(df), len(train_df)
-        report.notes.append(f"trained on {len(train_df)} good images x {tp.n_transforms} rotations "
-                            f"({fx.dim}-dim {tp.backbone} features), {len(val_df)} good val images")
-        report.notes.append(f"{card['model_selection']}: epoch {result.best_epoch}/{tp.epochs}, "
-                            f"train NLL {result.final_train_nll:.4f}, best val NLL {result.best_val_nll}")
+        report.notes.append(f"heads: {', '.join(tp.heads)}; the image score comes from the {tp.scored_by} head")
+        report.notes.append(f"model selection: {selection}")
+        if skipped:
+            report.notes.append(f"skipped {len(skipped)} unreadable image(s) (train.on_bad_image: skip): "
+                                + "; ".join(p for p, _ in skipped))
     return report
+
+
+def _train_image_head(params: Params, src: Path, train_df, sel_df, cal_df, val_df, out, report, card: dict,
+                      skipped: list):
+    """The DifferNet-style head: pooled features (rotations) -> coupling blocks -> ``model.pt`` + ONNX head."""
+    tp = params.train
+    t0 = time.perf_counter()
+    fx = FeatureExtractor.from_params(tp)
+    train_feats = fx.extract(train_df["image_path"], tp.n_transforms, progress=True, desc="train features",
+                             on_bad_image=tp.on_bad_image)
+    skipped += fx.skipped
+    train_df, train_feats = _drop_skipped(train_df, train_feats, "train", fx.skipped)
+    if train_df.empty:
+        raise TrainError(f"{src}: every good training image was unreadable (train.on_bad_image: skip)")
+    val_feats = None
+    if len(sel_df):
+        val_feats = fx.extract(sel_df["image_path"], tp.n_transforms_test, progress=True, desc="val features",
+                               on_bad_image=tp.on_bad_image)
+        skipped += fx.skipped
+        sel_df, val_feats = _drop_skipped(sel_df, val_feats, "val", fx.skipped)
+        if sel_df.empty:
+            raise TrainError(f"{src}: no readable validation image left to pick the epoch")
+    t_feat = time.perf_counter() - t0
+    cfg = FitConfig(n_blocks=tp.n_coupling_blocks, hidden=tp.hidden, clamp=tp.clamp, epochs=tp.epochs,
+                    batch_size=tp.batch_size, lr=tp.lr, weight_decay=tp.weight_decay, seed=params.seed,
+                    features_per_scale=tp.features_per_scale, n_scales=len(tp.scales),
+                    patience=tp.patience if val_feats is not None else None)
+    torch.set_num_threads(tp.fit_threads)
+    result = fit_density(train_feats.reshape(-1, fx.dim), val_feats, cfg, progress=True)
+    torch.set_num_threads(tp.threads)
+    card.update({
+        "features": fx.describe(),
+        "n_train_vectors": int(len(train_df) * tp.n_transforms),
+        "n_train_synthetic": int(train_df["synthetic"].fillna(False).astype(bool).sum()),
+        "n_train_augmented": int(train_df["augment_of"].notna().sum()) if "augment_of" in train_df else 0,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "final_train_nll": result.final_train_nll,
+        "selected_train_nll": result.history[result.best_epoch - 1]["train_nll"],
+        "best_val_nll": result.best_val_nll,
+        "density_params": int(sum(p.numel() for p in result.model.parameters())),
+        "feature_seconds": round(t_feat, 2),
+        "fit_seconds": round(result.seconds, 2),
+        "image_head_seconds": round(time.perf_counter() - t0, 2),
+        "loss": "mean NLL per feature dim, nats (0.5|z|^2 + 0.5 log 2pi - log|det J| per dim)",
+    })
+    model_file, _ = out.path(MODEL_FILE)
+    save_model(model_file, result.model, fx, params,
+               extra={"best_epoch": result.best_epoch, "n_train_images": int(len(train_df))})
+    head_file, _ = out.path(HEAD_FILE)
+    export_head(result.model, head_file, tp.n_transforms_test)
+    loss_file, _ = out.path("train_loss.csv")
+    pd.DataFrame(result.history, columns=["epoch", "train_nll", "val_nll"]).to_csv(loss_file, index=False)
+    report.wrote += [str(Path(out.final) / n) for n in (MODEL_FILE, HEAD_FILE)]
+    report.notes.append(f"image head: {len(train_df)} good images x {tp.n_transforms} rotations "
+                        f"({fx.dim}-dim {tp.backbone} features); epoch {result.best_epoch} of "
+                        f"{len(result.history)} run (max {tp.epochs}), train NLL {result.final_train_nll:.4f}, "
+                        f"best val NLL {result.best_val_nll}")
+    return train_df, sel_df
+
+
+def _train_conv_head(params: Params, src: Path, train_df, sel_df, out, report, card: dict, skipped: list):
+    """The fully convolutional head: unpooled maps (one rotation) -> per-level conv density model -> ``conv.pt``."""
+    from defectflow.density.conv import ConvFitConfig, fit_conv_flow, save_conv_flow
+
+    tp, cp = params.train, params.train.conv
+    t0 = time.perf_counter()
+    fx = map_extractor({"backbone": tp.backbone, "image_size": tp.image_size, "levels": list(cp.levels),
+                        "pretrained": tp.pretrained, "weights": tp.weights}, params)
+    tr, ok, sk = extract_maps(fx, train_df["image_path"].tolist(), tp.on_bad_image, progress=True, desc="train maps")
+    _note_skipped(skipped, sk, "train")
+    train_df = train_df[ok]
+    if len(train_df) < 2:
+        raise TrainError(f"{src}: the conv head needs at least 2 readable good training images, got {len(train_df)}")
+    va = None
+    if len(sel_df):
+        va, ok, sk = extract_maps(fx, sel_df["image_path"].tolist(), tp.on_bad_image, progress=True,
+                                  desc="val maps")
+        _note_skipped(skipped, sk, "val")
+        sel_df = sel_df[ok]
+        if sel_df.empty:
+            raise TrainError(f"{src}: no readable validation image left to pick the epoch")
+    t_maps = time.perf_counter() - t0
+    cfg = ConvFitConfig(n_blocks=cp.n_blocks, hidden_ratio=cp.hidden_ratio, kernels=tuple(cp.kernels),
+                        clamp=cp.clamp, epochs=cp.epochs, batch_size=cp.batch_size, lr=cp.lr,
+                        weight_decay=cp.weight_decay, seed=params.seed, threads=tp.fit_threads)
+    torch.manual_seed(params.seed)
+    res = fit_conv_flow(tr, va, cfg, progress=True)
+    del tr, va
+    features = {**fx.describe(), "pretrained": bool(tp.pretrained), "weights": tp.weights}
+    conv_file, _ = out.path(CONV_FILE)
+    save_conv_flow(conv_file, res.model, {"features": features, "best_epoch": res.best_epoch,
+                                          "history": res.history, "n_train_images": int(len(train_df))})
+    rows = [{"epoch": h["epoch"], "level": lv, "train_nll": h["train_nll"][k],
+             "val_nll": None if h["val_nll"] is None else h["val_nll"][k]}
+            for h in res.history for k, lv in enumerate(cp.levels)]
+    loss_file, _ = out.path("conv_loss.csv")
+    pd.DataFrame(rows, columns=["epoch", "level", "train_nll", "val_nll"]).to_csv(loss_file, index=False)
+    if "image" not in tp.heads:            # DVC plots read train_loss.csv: the conv curve, mean over levels
+        curve = pd.DataFrame(rows).groupby("epoch", as_index=False)[["train_nll", "val_nll"]].mean()
+        curve.to_csv(out.path("train_loss.csv")[0], index=False)
+    card["conv"] = {
+        "features": features,
+        "config": res.model.config.to_dict(),
+        "n_train_images": int(len(train_df)),
+        "best_epoch": res.best_epoch,
+        "epochs_run": len(res.history),
+        "final_train_nll": res.history[-1]["train_nll"],
+        "best_val_nll": res.best_val_nll,
+        "params": int(sum(p.numel() for p in res.model.parameters())),
+        "model_mb": round(conv_file.stat().st_size / 2**20, 3),
+        "map_seconds": round(t_maps, 2),
+        "fit_seconds": round(res.seconds, 2),
+        "fit_threads": tp.fit_threads,
+        "loss": "mean NLL per channel per position, nats, per level (train.conv.levels)",
+    }
+    report.wrote += [str(Path(out.final) / n) for n in (CONV_FILE, "conv_loss.csv")]
+    report.notes.append(f"conv head: {len(train_df)} good images, levels {list(cp.levels)} "
+                        f"(strides {fx.strides}), best epochs {res.best_epoch} of {cp.epochs}, "
+                        f"{card['conv']['model_mb']} MB, {res.seconds:.1f} s fit")
+    return train_df, sel_df
+
+
+def _note_skipped(skipped: list, new: list, what: str) -> None:
+    seen = {p for p, _ in skipped}
+    fresh = [s for s in new if s[0] not in seen]
+    if fresh:
+        log.warning("%s: skipped %d unreadable image(s): %s", what, len(fresh), "; ".join(m for _, m in fresh))
+    skipped += fresh

@@ -8,7 +8,6 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from flows.server import quiet_environment
 

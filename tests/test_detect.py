@@ -76,10 +76,10 @@ def test_images_source_is_forwarded_and_says_so(cwd):
     assert any("skipped" in n for n in report.notes)
 
 
-def test_onnx_is_refused_clearly(cwd):
+def test_missing_onnx_model_is_refused_clearly(cwd):
     scene = make_scene(Path("data"), n_passes=1)
-    with pytest.raises(detect.DetectorUnavailable, match="issue 3"):
-        detect.run(_params(method="onnx"), scene.inp, Path("out/detect"))
+    with pytest.raises(detect.DetectorUnavailable, match=r"missing\.onnx: ONNX model file not found"):
+        detect.run(_params(method="onnx", onnx_model="models/missing.onnx"), scene.inp, Path("out/detect"))
     assert not Path("out/detect").exists()
 
 

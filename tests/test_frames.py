@@ -201,3 +201,118 @@ def test_videos_folder_errors_name_the_file(tiny, tmp_path):
     with pytest.raises(VideoSourceError, match=r"passes\.csv: column 'label'"):
         load_passes(folder)
     assert load_passes(tiny[0])["pass_index"].dtype == "int64"
+
+
+# ----------------------------------------------------------------------------- issue 3 additions
+
+def _rewrite(src_video, dst, fn, fourcc="MJPG"):
+    """Copy ``src_video`` frame by frame through ``fn(t, frame)`` into ``dst``."""
+    cap = cv2.VideoCapture(str(src_video))
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    writer = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*fourcc), fps, (w, h))
+    t = 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        writer.write(fn(t, frame))
+        t += 1
+    writer.release()
+    return dst
+
+
+def _one_video_folder(root, video, run="train-00", camera="cam0", split="train", passes_from=None):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "videos.csv").write_text(f"video,camera,run,split\n{video},{camera},{run},{split}\n")
+    if passes_from is not None:
+        shutil.copy(passes_from / "passes.csv", root / "passes.csv")
+    return root
+
+
+def _centres(out):
+    df = read_manifest(manifest_path(out), FRAMES)
+    return df, sorted(df.loc[df["is_center"], "frame_index"])
+
+
+def test_passthrough_writes_the_video_jpeg_and_full_decode_agrees(tiny, tmp_path):
+    src, out, df, _ = tiny
+    assert df["image_path"].str.endswith(".jpg").all()                 # MJPG demo: the video's own JPEGs
+    assert read_meta(manifest_path(out))["jpeg_passthrough_videos"] == str(12)
+    video = (src / "videos" / "val-00_cam1.avi").resolve()
+    folder = _one_video_folder(tmp_path / "src", video.as_posix(), run="val-00", camera="cam1", split="val",
+                               passes_from=src)                        # absolute path in videos.csv
+    frames.run(_params(folder, jpeg_passthrough=False), folder, tmp_path / "full")
+    full, full_centres = _centres(tmp_path / "full")
+    fast = df[(df["run"] == "val-00") & (df["camera"] == "cam1")]
+    assert full_centres == sorted(fast.loc[fast["is_center"], "frame_index"])
+    assert full["image_path"].str.endswith(".png").all()
+    cap = cv2.VideoCapture(str(video))
+    decoded = [cap.read()[1] for _ in range(int(full["frame_index"].max()) + 1)]
+    for row in full.head(3).itertuples():                              # PNG: exactly the decoded frame
+        assert np.array_equal(read_image(row.image_path), decoded[row.frame_index])
+    for row in fast.head(3).itertuples():                              # JPEG: the same frame, other decoder
+        diff = np.abs(read_image(row.image_path).astype(int) - decoded[row.frame_index])
+        assert diff.mean() < 1.5
+
+
+def test_static_blob_is_not_a_pass(tmp_path, caplog):
+    """Something put down in view and left there (no travel) is dropped, and counted."""
+    path = tmp_path / "parked.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (160, 120))
+    rng = np.random.default_rng(0)
+    belt = rng.integers(60, 100, (120, 160, 3), dtype=np.uint8)
+    for t in range(70):
+        frame = belt.copy()
+        if 20 <= t < 50:
+            frame[40:80, 60:100] = (230, 230, 230)                         # appears, stays, goes: no travel
+        writer.write(cv2.add(frame, rng.integers(0, 4, frame.shape, dtype=np.uint8)))
+    writer.release()
+    folder = _folder(tmp_path / "src", {"parked.avi": path.read_bytes()})
+    with caplog.at_level(logging.WARNING, logger="defectflow.frames"):
+        frames.run(_params(folder), folder, tmp_path / "out")
+    assert len(read_manifest(manifest_path(tmp_path / "out"), FRAMES)) == 0
+    assert read_meta(manifest_path(tmp_path / "out"))["blob_runs_dropped"] == "1"
+    frames.run(_params(folder, min_travel=0.0), folder, tmp_path / "out0")
+    assert read_manifest(manifest_path(tmp_path / "out0"), FRAMES)["pass_index"].nunique() == 1
+
+
+def test_hand_held_shake_keeps_the_pass_count(tiny, truth_centres, tmp_path):
+    src = tiny[0]
+    rng = np.random.default_rng(5)
+    shifts = rng.integers(-6, 7, (2000, 2))
+
+    def shake(t, frame):
+        m = np.float32([[1, 0, shifts[t, 0]], [0, 1, shifts[t, 1]]])
+        return cv2.warpAffine(frame, m, (frame.shape[1], frame.shape[0]), borderMode=cv2.BORDER_REFLECT)
+
+    (tmp_path / "src" / "videos").mkdir(parents=True)
+    _rewrite(src / "videos" / "test-00_cam2.avi", tmp_path / "src" / "videos" / "shaky.avi", shake)
+    folder = _one_video_folder(tmp_path / "src", "videos/shaky.avi", run="test-00", camera="cam2", split="test",
+                               passes_from=src)
+    true = sorted(truth_centres.loc[("test-00", "cam2")])
+    for shake_px, out in ((0, tmp_path / "rigid"), (8, tmp_path / "tolerant")):
+        frames.run(_params(folder, shake_px=shake_px, region=(0.0, 0.45, 1.0, 0.95)), folder, out)
+        _, centres = _centres(out)
+        assert len(centres) == len(true), shake_px
+    assert max(abs(a - b) for a, b in zip(centres, true)) <= 2          # with the tolerance
+    # without the tolerance, shake makes spurious blob runs (dropped: they do not travel); with it, none
+    assert int(read_meta(manifest_path(tmp_path / "rigid"))["blob_runs_dropped"]) > 0
+    assert read_meta(manifest_path(tmp_path / "tolerant"))["blob_runs_dropped"] == "0"
+
+
+def test_non_mjpg_video_takes_the_full_decode_path(tiny, truth_centres, tmp_path):
+    src = tiny[0]
+    (tmp_path / "src" / "videos").mkdir(parents=True)
+    dst = _rewrite(src / "videos" / "val-00_cam0.avi", tmp_path / "src" / "videos" / "v.avi",
+                   lambda t, f: f, fourcc="XVID")
+    if not cv2.VideoCapture(str(dst)).isOpened():
+        pytest.skip("no XVID encoder in this OpenCV build")
+    folder = _one_video_folder(tmp_path / "src", "videos/v.avi", run="val-00", camera="cam0", split="val",
+                               passes_from=src)
+    frames.run(_params(folder), folder, tmp_path / "out")
+    df, centres = _centres(tmp_path / "out")
+    assert df["image_path"].str.endswith(".png").all()
+    assert read_meta(manifest_path(tmp_path / "out"))["jpeg_passthrough_videos"] == "0"
+    true = sorted(truth_centres.loc[("val-00", "cam0")])
+    assert len(centres) == len(true) and max(abs(a - b) for a, b in zip(centres, true)) <= 1

@@ -83,13 +83,66 @@ def test_shrink_and_pad_keeps_the_size():
     assert not out[:5].any() and not out[:, -5:].any()
 
 
-def test_disabled_forwards_rows(detected):
+def test_method_none_forwards_rows(detected):
     _, det = detected
-    masks.run(params_from_dict({"masks": {"enabled": False}}), det, Path("out/masks"))
+    masks.run(params_from_dict({"masks": {"method": "none"}}), det, Path("out/masks"))
     df = read_manifest("out/masks/manifest.parquet", MASKS)
     src = read_manifest(det / "manifest.parquet", DETECT)
     assert list(df.image_path) == list(src.image_path) and df.composite_mask_path.isna().all()
-    assert read_meta("out/masks/manifest.parquet")["skipped"] == "masks.enabled=false"
+    assert read_meta("out/masks/manifest.parquet")["skipped"].startswith("masks.method=none")
+
+
+def test_method_crop_cuts_each_side_and_keeps_the_size(detected):
+    _, det = detected
+    report = masks.run(_params(method="crop", shrink=0.1), det, Path("out/masks"))
+    df = read_manifest("out/masks/manifest.parquet", MASKS)
+    src = read_manifest(det / "manifest.parquet", DETECT)
+    assert len(df) == len(src) and df.composite_mask_path.isna().all()
+    assert read_meta("out/masks/manifest.parquet")["method"] == "crop"
+    assert any("cropped by 10% on each side" in n for n in report.notes)
+    for new, old in zip(df.image_path, src.image_path):
+        assert new.startswith("out/masks/cropped/")
+        a, b = cv2.imread(new), cv2.imread(old)
+        assert a.shape == b.shape
+        centre = cv2.resize(b[10:86, 10:86], (CROP, CROP), interpolation=cv2.INTER_LINEAR)
+        assert np.abs(a.astype(int) - centre).max() <= 1
+
+
+def test_crop_on_images_source_and_crop_border():
+    img = np.zeros((100, 100), np.uint8)
+    img[10:90, 10:90] = 255                      # a white square with a 10% black border
+    out = masks.crop_border(img, 0.1)
+    assert out.shape == (100, 100) and out.min() == 255
+    assert params_from_dict({"masks": {"method": "crop", "shrink": 0.3}}).masks.shrink == 0.3
+    with pytest.raises(Exception, match="shrink"):
+        params_from_dict({"masks": {"method": "crop", "shrink": 0.5}})
+
+
+def test_guided_filter_snaps_a_blurred_mask_to_the_guide_edge():
+    guide = np.full((64, 64, 3), (60, 120, 60), np.uint8)
+    guide[:, 32:] = (60, 60, 150)                # colour edge of nearly equal brightness
+    truth = np.zeros((64, 64), bool)
+    truth[:, 32:] = True
+    bleed = np.zeros((64, 64), np.float32)
+    bleed[:, 30:] = 1                            # a soft mask that bleeds 2 px over the edge, blurred
+    soft = cv2.GaussianBlur(bleed, (0, 0), 2)
+    assert ((soft >= 0.5) != truth).sum() == 2 * 64
+    for sub in (1, 2):
+        out = masks.guided_filter(guide, soft, radius=6, eps=1e-4, sub=sub)
+        assert ((out >= 0.5) == truth).all()
+        assert (out[:, 32] - out[:, 31]).min() > 0.4            # a sharp step at the guide's edge
+    flat = masks.guided_filter(np.full((32, 32), 128, np.uint8), soft[:32, 16:48], radius=3, eps=1e-3)
+    box = lambda x: cv2.blur(x, (7, 7), borderType=cv2.BORDER_REFLECT)  # noqa: E731
+    assert np.allclose(flat, box(box(soft[:32, 16:48])), atol=1e-3)   # flat guide: just a smoothing
+
+
+def test_raw_composite_is_kept_before_the_shrink(detected):
+    _, det = detected
+    masks.run(_params(shrink=0.2), det, Path("out/masks"))
+    df = read_manifest("out/masks/manifest.parquet", MASKS)
+    for path in df.composite_mask_path.unique():
+        raw = _mask(path.replace("/composite/", "/composite_raw/"))
+        assert (_mask(path) == (shrink_and_pad(raw.astype(np.uint8) * 255, 0.2) > 0)).all()
 
 
 def test_images_source_forwards_rows(tmp_path, monkeypatch):

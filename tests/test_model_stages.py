@@ -1,12 +1,19 @@
-"""Train -> threshold -> evaluate on a tiny generated image set, and the threshold / verdict logic."""
+"""Train -> threshold -> evaluate on a tiny generated image set, the threshold / verdict logic, the
+feature cache, bad inputs, the validation split, the bootstrap CI, the ONNX head and the export."""
 import json
+import logging
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
 
+import torch
+
 from defectflow import evaluate, threshold, train
+from defectflow.export import FullScorer, export_model, onnx_scores
+from defectflow.features import FeatureExtractor, load_image
+from defectflow.fsutil import ImageReadError
 from defectflow.config import params_from_dict
 from defectflow.manifest import SCORES, SYNTH, VERDICTS, read_manifest, write_manifest
 from defectflow.scoring import load_model, product_verdicts, score_items
@@ -94,7 +101,9 @@ def test_train_writes_model_card_and_loss_curve(pipeline):
     assert card["n_train_images"] == 20 and card["n_val_images"] == 4
     assert card["params"]["train"]["hidden"] == 64 and card["features"]["feature_dim"] == 944
     loss = pd.read_csv(root / "model" / "train_loss.csv")
-    assert list(loss.columns) == ["epoch", "train_nll", "val_nll"] and len(loss) == TRAIN["epochs"]
+    assert list(loss.columns) == ["epoch", "train_nll", "val_nll"] and 1 <= len(loss) <= TRAIN["epochs"]
+    # early stopping: the run ends `patience` epochs after the best, or at the epoch limit
+    assert len(loss) == min(TRAIN["epochs"], card["best_epoch"] + 5) == card["epochs_run"]
     assert loss["train_nll"].iloc[-1] < loss["train_nll"].iloc[0]
     model = load_model(root / "model")
     assert model.density.dim == 944 and model.features["backbone"] == "efficientnet_lite0"
@@ -105,9 +114,15 @@ def test_threshold_falls_back_without_defective_validation_images(pipeline):
     info = json.loads((root / "threshold.json").read_text())
     assert info["method"] == "target_tpr" and info["method_used"] == "fallback_fpr"
     assert "no defective images" in info["note"]
-    assert info["val"]["n_good"] == 4 and info["val"]["n_defect"] == 0
+    # 4 good val images: 2 picked the epoch, the other 2 calibrate the threshold
+    assert info["val"]["n_good"] == 2 and info["val"]["n_defect"] == 0
+    split = json.loads((root / "model" / "val_split.json").read_text())
+    assert len(split["select"]) == 2 and len(split["calibrate"]) == 2
+    assert not set(split["select"]) & set(split["calibrate"])
     val = read_manifest(root / "val_scores.parquet", SCORES)
-    assert len(val) == 4 and val["score"].notna().all()
+    assert sorted(val["item_id"]) == split["calibrate"] and val["score"].notna().all()
+    b = info["bands"]
+    assert b["low"] <= info["threshold"] <= b["high"] and b["high"] >= info["val"]["good_scores"]["max"]
 
 
 def test_evaluate_writes_metrics_plots_and_report(pipeline):
@@ -118,6 +133,10 @@ def test_evaluate_writes_metrics_plots_and_report(pipeline):
     assert m["n_test"] == 8 and m["n_defect"] == 4 and set(m["per_defect_type"]) == {"blob", "scratch"}
     for key in ("accuracy", "precision", "recall", "f1", "product_accuracy"):
         assert key in m
+    lo, hi = m["image_auroc_ci"]
+    assert 0 <= lo <= m["image_auroc"] <= hi <= 1
+    counts = m["bands"]["test_counts"]
+    assert sum(counts["good"].values()) == 4 and sum(counts["defect"].values()) == 4
     scores = read_manifest(rep / "scores.parquet", SCORES)
     assert scores.loc[scores.label == "defect", "score"].mean() > scores.loc[scores.label == "good", "score"].mean()
     verdicts = read_manifest(rep / "verdicts.parquet", VERDICTS)
@@ -128,6 +147,7 @@ def test_evaluate_writes_metrics_plots_and_report(pipeline):
     assert list(hist.columns) == ["score", "count", "good", "defect", "unknown"] and hist["count"].sum() == 8
     html = (rep / "report.html").read_text()
     assert "data:image/png;base64," in html and "http" not in html
+    assert "Operator bands" in html and "no defective images" in html
     assert (rep / "roc.png").stat().st_size > 1000 and (rep / "scores_hist.png").is_file()
 
 
@@ -163,7 +183,7 @@ def test_threshold_stage_needs_two_good_validation_images(pipeline, tmp_path):
     df = read_manifest(inp / "manifest.parquet", SYNTH)
     df = df[(df.split != "val") | (df.item_id == "val-good-0")]
     write_manifest(df, SYNTH, tmp_path / "in" / "manifest.parquet")
-    with pytest.raises(ThresholdError, match="1 good validation image"):
+    with pytest.raises(ThresholdError, match=r"[01] good calibration image"):
         threshold.run(params, tmp_path / "in", root / "model", tmp_path / "t.json", tmp_path / "v.parquet")
     assert not (tmp_path / "t.json").exists()
 
@@ -233,3 +253,146 @@ def test_product_verdicts_any_camera_flags():
     assert v.loc["p1", "label"] == "defect" and v.loc["p1", "n_cameras"] == 2
     assert v.loc["p2", "verdict"] == "good" and v.loc["p2", "flagged_cameras"] == ""
     assert v.loc["p3", "label"] == "unknown" and v.loc["p3", "max_score"] == 0.95
+
+
+# ------------------------------------------------------------------ features, inputs, split, export
+def _pngs(folder, n, seed=0, size=40):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        p = folder / f"{i}.png"
+        cv2.imwrite(str(p), (rng.random((size, size, 3)) * 255).astype(np.uint8))
+        out.append(p)
+    return out
+
+
+def test_feature_cache_hits_on_content_and_separates_settings(tmp_path, monkeypatch):
+    paths = _pngs(tmp_path, 3)
+    fx = FeatureExtractor("efficientnet_lite0", image_size=32, threads=1, cache=tmp_path / "c")
+    a = fx.extract(paths, 2)
+    calls = []
+    real = fx.features
+    monkeypatch.setattr(fx, "features", lambda imgs, t: calls.append(len(imgs)) or real(imgs, t))
+    b = fx.extract(paths, 2)
+    assert calls == [] and np.array_equal(a, b)            # all from the cache: backbone not run
+    # a copy under another name is the same content: a hit; a changed file is a miss
+    (tmp_path / "copy.png").write_bytes(paths[0].read_bytes())
+    img = cv2.imread(str(paths[1]))
+    img[0, 0] = 255 - img[0, 0]
+    cv2.imwrite(str(paths[1]), img)
+    fx.extract([tmp_path / "copy.png", paths[1]], 2)
+    assert calls == [1]
+    # another transform count is another cache key; use_cache=False never touches it
+    assert fx.cache_for(2).key != fx.cache_for(4).key
+    keys = {p.name for p in (tmp_path / "c" / "features").iterdir()}
+    fx.extract(paths, 1, use_cache=False)
+    assert {p.name for p in (tmp_path / "c" / "features").iterdir()} == keys
+    info = json.loads((tmp_path / "c" / "features" / fx.cache_for(2).key / "key.json").read_text())
+    assert info["weights_id"] == fx.weights_id and info["n_transforms"] == 2
+
+
+def test_gray_rgba_16bit_are_converted_with_a_log_line(tmp_path, caplog):
+    cv2.imwrite(str(tmp_path / "g.png"), np.full((20, 20), 100, np.uint8))
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((20, 20, 4), 200, np.uint8))
+    cv2.imwrite(str(tmp_path / "w.png"), np.full((20, 20), 40000, np.uint16))
+    fx = FeatureExtractor("efficientnet_lite0", image_size=32, threads=1, feature_cache=False)
+    with caplog.at_level(logging.INFO, logger="defectflow"):
+        feats = fx.extract([tmp_path / n for n in ("g.png", "a.png", "w.png")], 1)
+    assert np.isfinite(feats).all()
+    text = caplog.text
+    assert "converted 1 grayscale image" in text and "converted 1 rgba image" in text
+    assert "converted 1 grayscale+16-bit image" in text
+    assert np.allclose(load_image(tmp_path / "w.png"), 40000 / 65535)
+
+
+def test_truncated_images_stop_with_the_path_or_are_skipped(tmp_path):
+    paths = _pngs(tmp_path, 3)
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: len(data) // 2])
+    ok, jpg = cv2.imencode(".jpg", np.full((30, 30, 3), 90, np.uint8))
+    bad_jpg = tmp_path / "t.jpg"
+    bad_jpg.write_bytes(jpg.tobytes()[:-40])
+    for bad in (paths[1], bad_jpg):
+        with pytest.raises(ImageReadError, match="truncated") as err:
+            load_image(bad)
+        assert str(bad) in str(err.value)
+    fx = FeatureExtractor("efficientnet_lite0", image_size=32, threads=1, feature_cache=False)
+    with pytest.raises(ImageReadError, match=str(paths[1])):
+        fx.extract(paths, 1)
+    feats = fx.extract(paths + [bad_jpg], 1, on_bad_image="skip")
+    assert np.isnan(feats[1]).all() and np.isnan(feats[3]).all() and np.isfinite(feats[[0, 2]]).all()
+    assert [p for p, _ in fx.skipped] == [str(paths[1]), str(bad_jpg)]
+
+
+def test_train_skips_and_lists_bad_images_when_told(tmp_path):
+    inp, df = make_dataset(tmp_path, n_train=8, n_val=3, n_test_good=0, n_test_defect=0)
+    bad = df[df.split == "train"].image_path.iloc[2]
+    with open(bad, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ImageReadError, match=bad):
+        train.run(_params(), inp, tmp_path / "m1")
+    params = _params().model_copy(update={"train": _params().train.model_copy(update={"on_bad_image": "skip"})})
+    train.run(params, inp, tmp_path / "m2")
+    card = json.loads((tmp_path / "m2" / "card.json").read_text())
+    assert card["n_train_images"] == 7 and [s["path"] for s in card["skipped_images"]] == [bad]
+
+
+def test_validation_split_too_small_is_a_clear_error(tmp_path):
+    inp, _ = make_dataset(tmp_path, n_train=6, n_val=2, n_test_good=0, n_test_defect=0)
+    with pytest.raises(train.TrainError, match="needs at least 3"):
+        train.run(_params(), inp, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+def test_split_validation_is_seeded_and_order_independent(tmp_path):
+    _, df = make_dataset(tmp_path, n_train=0, n_val=10, n_test_good=0, n_test_defect=0)
+    a = train.split_validation(df, 7, 0.5, "val_split")
+    b = train.split_validation(df.iloc[::-1], 7, 0.5, "val_split")
+    assert list(a[0].item_id) == list(b[0].item_id) and len(a[0]) == 5 and len(a[1]) == 5
+    sel, cal = train.split_validation(df, 7, 0.5, "last_epoch")
+    assert sel.empty and len(cal) == 10
+
+
+def test_bootstrap_ci_contains_the_auroc_and_is_seeded():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(40, bool), np.ones(30, bool)]
+    s = np.r_[rng.normal(0, 1, 40), rng.normal(1.5, 1, 30)]
+    ci = evaluate.bootstrap_auroc_ci(y, s, 500, seed=1)
+    from sklearn.metrics import roc_auc_score
+    assert ci[0] < roc_auc_score(y, s) < ci[1] and ci[1] - ci[0] < 0.3
+    assert ci == evaluate.bootstrap_auroc_ci(y, s, 500, seed=1)
+    assert evaluate.bootstrap_auroc_ci(np.zeros(5, bool), s[:5]) is None
+
+
+def test_onnx_head_equals_torch_head(pipeline):
+    root, inp, params = pipeline
+    model = load_model(root / "model")
+    feats = np.random.default_rng(0).normal(size=(5, 2, model.density.in_dim)).astype(np.float32)
+    onnx = model.score_features(feats, backend="onnx")
+    torch_ = model.score_features(feats, backend="torch")
+    np.testing.assert_allclose(onnx, torch_, rtol=1e-4, atol=1e-5)
+
+
+def test_export_one_onnx_model_scores_as_the_pipeline(pipeline, tmp_path):
+    root, inp, params = pipeline
+    out = export_model(root / "model", tmp_path / "model.onnx", params.train.n_transforms_test)
+    df = read_manifest(inp / "manifest.parquet", SYNTH)
+    test = df[df.split == "test"]
+    expected = score_items(test, root / "model", params)["score_image"].to_numpy()    # the image head's
+    from defectflow.features import _resize
+    imgs = np.stack([_resize(load_image(p), params.train.image_size).transpose(2, 0, 1) for p in test.image_path])
+    got = onnx_scores(out, imgs)
+    # relative 1e-4 of the score's magnitude (floored at 1: scores are NLL per dim and can cross 0)
+    assert np.all(np.abs(got - expected) <= 1e-4 * np.maximum(np.abs(expected), 1.0))
+    with torch.no_grad():
+        direct = FullScorer(load_model(root / "model"), params.train.n_transforms_test)(torch.from_numpy(imgs))
+    assert np.all(np.abs(direct.numpy() - expected) <= 1e-4 * np.maximum(np.abs(expected), 1.0))
+
+
+def test_export_cli(pipeline, tmp_path, capsys):
+    from defectflow.cli import main
+    root, _, params = pipeline
+    (tmp_path / "p.yaml").write_text(json.dumps(params.model_dump(mode="json")))
+    assert main(["export", "--model", str(root / "model"), "--out", str(tmp_path / "m.onnx"),
+                 "--params", str(tmp_path / "p.yaml")]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 1e6 and "score" in capsys.readouterr().out

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from sklearn.metrics import roc_auc_score
 
 from defectflow.scratch import copy_project
 from flows.server import prefect_server
@@ -44,10 +45,15 @@ def test_dag_end_to_end_on_tiny_demo(tmp_path):
         scores = pd.read_parquet(proj / "reports/scores.parquet")
         labelled = scores[scores.label != "unknown"]
         assert set(labelled.label) == {"good", "defect"}
-        assert labelled[labelled.label == "defect"].score.mean() > labelled[labelled.label == "good"].score.mean()
+        # rank check per head (means of map-max scores are outlier-driven with 3 tiny-demo defects)
+        for col in ("score", "score_image", "score_conv"):
+            assert roc_auc_score(labelled.label == "defect", labelled[col]) > 0.5, col
         verdicts = pd.read_parquet(proj / "reports/verdicts.parquet")
         assert verdicts.product_id.is_unique and set(verdicts.verdict) <= {"good", "defect"}
         assert (proj / "reports/report.html").stat().st_size > 1000
+        test_videos = pd.read_csv(proj / "data/demo/videos.csv").query("split == 'test'")
+        annotated = sorted(p.name for p in (proj / "reports/videos").glob("*.avi"))
+        assert annotated == sorted(Path(v).stem + ".avi" for v in test_videos.video)
         assert (proj / "models/model/model.pt").is_file()
 
         # nothing changed: nothing reruns

@@ -2,7 +2,14 @@
 
 Loss = mean over the batch of NLL per dimension (all terms, see ``model.py``).
 Model selection, when validation features are given, is by the validation NLL of
-*good validation images only* (the caller's duty): the epoch with the lowest one is kept.
+*good validation images only* (the caller's duty): the epoch with the lowest one is kept, and
+training stops ``patience`` epochs after the last improvement (the flow overfits fast on a
+few hundred images: validation NLL rises by orders of magnitude after its minimum).
+
+``features_per_scale`` (DifferSqueezeNet's lesson: fewer features, a smaller head) first
+projects each scale's block of ``in_dim / n_scales`` features onto its top principal
+components on the training vectors (float64 SVD: deterministic); the projection is a fixed
+part of the model.
 """
 from __future__ import annotations
 
@@ -37,6 +44,9 @@ class FitConfig:
     weight_decay: float = 1e-5
     seed: int = 0
     grad_clip: float = 10.0
+    features_per_scale: Optional[int] = None   # PCA components kept per scale block; None = all
+    n_scales: int = 1
+    patience: Optional[int] = None             # stop after this many epochs without a better val NLL
 
 
 @dataclass
@@ -65,6 +75,28 @@ def feature_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), np.maximum(std, floor).astype(np.float32)
 
 
+def pca_projection(x: np.ndarray, n_scales: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block-diagonal PCA: ``(mean (D,), W (D, n_scales * k))``; each scale's columns onto its top ``k``."""
+    m, d = x.shape
+    if d % n_scales:
+        raise DensityFitError(f"feature dim {d} is not a multiple of the {n_scales} scales")
+    block = d // n_scales
+    k = min(k, block)
+    mean = x.mean(axis=0, dtype=np.float64)
+    w = np.zeros((d, n_scales * k), np.float64)
+    for s in range(n_scales):
+        xs = x[:, s * block:(s + 1) * block].astype(np.float64) - mean[s * block:(s + 1) * block]
+        _, _, vt = np.linalg.svd(xs, full_matrices=False)
+        comp = vt[:k]
+        # fix SVD's sign freedom: the largest entry of each component is positive
+        signs = np.sign(comp[np.arange(len(comp)), np.abs(comp).argmax(axis=1)])
+        comp = comp * np.where(signs == 0, 1.0, signs)[:, None]
+        if comp.shape[0] < k:
+            raise DensityFitError(f"features_per_scale {k} needs at least {k} training vectors, got {m}")
+        w[s * block:(s + 1) * block, s * k:(s + 1) * k] = comp.T
+    return mean.astype(np.float32), w.astype(np.float32)
+
+
 def fit_density(train_x: np.ndarray, val_x: Optional[np.ndarray] = None, cfg: FitConfig = FitConfig(),
                 progress: bool = False) -> FitResult:
     """Train on ``train_x`` ``(M, D)``; ``val_x`` ``(N, T, D)`` (good validation images) picks the epoch."""
@@ -76,9 +108,14 @@ def fit_density(train_x: np.ndarray, val_x: Optional[np.ndarray] = None, cfg: Fi
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    in_dim, proj_kw = train_x.shape[1], {}
+    if cfg.features_per_scale and cfg.features_per_scale * cfg.n_scales < in_dim:
+        pm, pw = pca_projection(train_x, cfg.n_scales, cfg.features_per_scale)
+        train_x = ((train_x - pm) @ pw).astype(np.float32)
+        proj_kw = {"in_dim": in_dim, "proj_mean": torch.from_numpy(pm), "proj": torch.from_numpy(pw)}
     mean, std = feature_stats(train_x)
     model = DensityModel(train_x.shape[1], cfg.n_blocks, cfg.hidden, cfg.clamp, seed=cfg.seed,
-                         mean=torch.from_numpy(mean), std=torch.from_numpy(std))
+                         mean=torch.from_numpy(mean), std=torch.from_numpy(std), **proj_kw)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     x = torch.from_numpy(train_x)
     xv = torch.from_numpy(np.asarray(val_x, np.float32)) if val_x is not None and len(val_x) else None
@@ -111,10 +148,13 @@ def fit_density(train_x: np.ndarray, val_x: Optional[np.ndarray] = None, cfg: Fi
             if val_nll < best_val:
                 best_val, best_state, result.best_epoch = val_nll, copy.deepcopy(model.state_dict()), epoch
         result.history.append({"epoch": epoch, "train_nll": total / count, "val_nll": val_nll})
+        if cfg.patience and xv is not None and epoch - result.best_epoch >= cfg.patience:
+            log.info("stopping at epoch %d: no better validation NLL for %d epochs", epoch, cfg.patience)
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     else:
-        result.best_epoch = cfg.epochs
+        result.best_epoch = len(result.history)
     model.eval()
     result.seconds = time.perf_counter() - t0
     return result

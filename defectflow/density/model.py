@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,7 @@ class DensityConfig:
     hidden: int = 512
     clamp: float = 2.0
     seed: int = 0          # permutations
+    in_dim: Optional[int] = None   # raw feature dim when a fixed projection (PCA per scale) comes first
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,11 +45,21 @@ class DensityModel(nn.Module):
     """``Standardize -> [AffineCoupling -> FixedPermutation] * n_blocks`` onto N(0, I)."""
 
     def __init__(self, dim: int, n_blocks: int = 8, hidden: int = 512, clamp: float = 2.0, seed: int = 0,
-                 mean: Tensor | None = None, std: Tensor | None = None):
+                 mean: Tensor | None = None, std: Tensor | None = None, in_dim: int | None = None,
+                 proj_mean: Tensor | None = None, proj: Tensor | None = None):
         super().__init__()
         if n_blocks < 1:
             raise ValueError(f"DensityModel: n_blocks must be >= 1, got {n_blocks}")
-        self.config = DensityConfig(int(dim), int(n_blocks), int(hidden), float(clamp), int(seed))
+        self.config = DensityConfig(int(dim), int(n_blocks), int(hidden), float(clamp), int(seed),
+                                    None if in_dim is None else int(in_dim))
+        if in_dim is not None:     # fixed linear projection raw features -> flow input (not trained)
+            pm = torch.zeros(in_dim) if proj_mean is None else torch.as_tensor(proj_mean, dtype=torch.float32)
+            pw = torch.zeros(in_dim, dim) if proj is None else torch.as_tensor(proj, dtype=torch.float32)
+            if pm.shape != (in_dim,) or pw.shape != (in_dim, dim):
+                raise ValueError(f"DensityModel: projection must be ({in_dim},) and ({in_dim}, {dim}), "
+                                 f"got {tuple(pm.shape)} and {tuple(pw.shape)}")
+            self.register_buffer("proj_mean", pm.clone())
+            self.register_buffer("proj", pw.clone())
         blocks: list[InvertibleBlock] = [Standardize(dim, mean, std)]
         for i in range(n_blocks):
             blocks.append(AffineCoupling(dim, hidden=hidden, clamp=clamp))
@@ -61,11 +73,22 @@ class DensityModel(nn.Module):
     @classmethod
     def from_config(cls, config: DensityConfig | dict) -> "DensityModel":
         cfg = config if isinstance(config, DensityConfig) else DensityConfig(**config)
-        return cls(cfg.dim, cfg.n_blocks, cfg.hidden, cfg.clamp, cfg.seed)
+        return cls(cfg.dim, cfg.n_blocks, cfg.hidden, cfg.clamp, cfg.seed, in_dim=cfg.in_dim)
 
     @property
     def dim(self) -> int:
         return self.config.dim
+
+    @property
+    def in_dim(self) -> int:
+        """Width of the raw features :meth:`score` takes (``dim`` without a projection)."""
+        return self.config.in_dim or self.config.dim
+
+    def project(self, x: Tensor) -> Tensor:
+        """Raw features ``(..., in_dim)`` -> flow input ``(..., dim)`` (identity without a projection)."""
+        if self.config.in_dim is None:
+            return x
+        return (x - self.proj_mean) @ self.proj
 
     def forward(self, x: Tensor, rev: bool = False) -> tuple[Tensor, Tensor]:
         """Data -> latent (``rev=False``) or latent -> data; returns (out, log|det d out / d in|)."""
@@ -90,10 +113,15 @@ class DensityModel(nn.Module):
     @torch.no_grad()
     def score(self, feats: Tensor, batch_size: int = 1024) -> Tensor:
         """Anomaly score per image from ``(N, T, D)`` features: mean over T of NLL per dim."""
-        if feats.dim() != 3 or feats.shape[2] != self.dim:
-            raise ValueError(f"score: expected features of shape (N, T, {self.dim}), got {tuple(feats.shape)}")
+        if feats.dim() != 3 or feats.shape[2] != self.in_dim:
+            raise ValueError(f"score: expected features of shape (N, T, {self.in_dim}), got {tuple(feats.shape)}")
         n, t, d = feats.shape
-        flat = feats.reshape(n * t, d)
+        flat = self.project(feats.reshape(n * t, d))
         out = torch.cat([self.nll_per_dim(flat[i:i + batch_size]) for i in range(0, n * t, batch_size)]) \
             if n * t else flat.new_zeros(0)
         return out.reshape(n, t).mean(dim=1)
+
+    def score_graph(self, feats: Tensor) -> Tensor:
+        """:meth:`score` without batching or checks, for export: ``(N, T, in_dim) -> (N,)``."""
+        n, t, d = feats.shape
+        return self.nll_per_dim(self.project(feats.reshape(n * t, d))).reshape(n, t).mean(dim=1)

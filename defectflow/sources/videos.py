@@ -1,7 +1,8 @@
 """A folder of real (or demo) videos: ``videos.csv`` + optional ``passes.csv``, validated.
 
 ``videos.csv``: ``video,camera,run,split`` (+ optional ``label`` for every pass of the video);
-``video`` is a path relative to the folder. ``passes.csv`` (optional):
+``video`` is a path relative to the folder, or an absolute path (``~`` is expanded), so
+a folder can list videos that live elsewhere (e.g. a shared footage store). ``passes.csv`` (optional):
 ``run,pass_index,product_id,label,defect_type,split,defect_cameras``. See ARCHITECTURE.md.
 """
 from __future__ import annotations
@@ -63,7 +64,8 @@ def _check_filled(df: pd.DataFrame, path: Path, cols) -> None:
 def load_videos(folder: Path | str) -> pd.DataFrame:
     """Read ``folder/videos.csv``; return ``video,camera,run,split,label,path`` (one row per video).
 
-    ``label`` is "" where not given; ``path`` is ``folder/video`` (posix). Raises VideoSourceError
+    ``label`` is "" where not given; ``path`` is ``folder/video`` (posix; ``video`` itself when
+    it is absolute). Raises VideoSourceError
     naming the file for a missing file or column, bad split/label values, duplicate videos or
     (run, camera) pairs, and listed videos that do not exist.
     """
@@ -83,7 +85,7 @@ def load_videos(folder: Path | str) -> pd.DataFrame:
         dup = df[df.duplicated(cols, keep=False)]
         if len(dup):
             raise VideoSourceError(f"{path}: duplicate {'/'.join(cols)}: {dup[cols].iloc[0].tolist()}")
-    df["path"] = [(folder / v).as_posix() for v in df["video"]]
+    df["path"] = [(folder / Path(v).expanduser()).as_posix() for v in df["video"]]   # an absolute video wins
     missing = [p for p in df["path"] if not Path(p).is_file()]
     if missing:
         raise VideoSourceError(f"{path}: {len(missing)} listed video(s) not found, e.g. {missing[0]}")

@@ -1,0 +1,187 @@
+"""The two heads through train -> threshold -> evaluate on tiny generated images with ground-truth masks:
+image (DifferNet-style), conv (fully convolutional: maps, pixel AUROC, boxes) and both."""
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from defectflow import evaluate, threshold, train
+from defectflow.config import ParamsError, params_from_dict
+from defectflow.manifest import SCORES, SYNTH, read_manifest, write_manifest
+from defectflow.scoring import CONV_FILE, MODEL_FILE, ModelError, load_heads, score_items
+
+TRAIN = {"image_size": 64, "scales": [1.0], "n_coupling_blocks": 2, "hidden": 32, "epochs": 6,
+         "batch_size": 16, "lr": 1e-3, "n_transforms": 2, "n_transforms_test": 2, "threads": 1,
+         "conv": {"n_blocks": 2, "epochs": 4, "batch_size": 8}}
+
+
+def _params(**train_kw):
+    return params_from_dict({"seed": 1, "train": {**TRAIN, **train_kw}, "evaluate": {"bootstrap": 50}})
+
+
+def _texture(rng, size=64):
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    base = 120 + 35 * np.sin(xx / 3.0 + rng.uniform(0, 6.3)) * np.cos(yy / 4.0)
+    img = np.stack([base, base * 0.9 + 10, base * 0.8 + 20], axis=2) + rng.normal(0, 5, (size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_dataset(root, n_train=16, n_val=6, n_test_good=4, n_test_defect=4, seed=0):
+    """Textures; defective test images get a red disc, drawn also into a ground-truth mask."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for split, label, n in (("train", "good", n_train), ("val", "good", n_val), ("test", "good", n_test_good),
+                            ("test", "defect", n_test_defect)):
+        for i in range(n):
+            img = _texture(rng)
+            mask_path = None
+            if label == "defect":
+                cx, cy = (int(v) for v in rng.integers(16, 48, 2))
+                cv2.circle(img, (cx, cy), 8, (20, 20, 230), thickness=-1)
+                mask = np.zeros(img.shape[:2], np.uint8)
+                cv2.circle(mask, (cx, cy), 8, 255, thickness=-1)
+                mask_path = root / "gt" / f"{split}_{i:03d}_mask.png"
+                mask_path.parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(mask_path), mask)
+                mask_path = mask_path.as_posix()
+            path = root / split / f"{label}_{i:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), img)
+            pid = f"{split}-{label}-{i}"
+            rows.append({"item_id": pid, "product_id": pid, "run": "r0", "camera": "cam0", "split": split,
+                         "label": label, "defect_type": "disc" if label == "defect" else None,
+                         "image_path": path.as_posix(), "gt_mask_path": mask_path, "source": "images",
+                         "is_center": True, "synthetic": False})
+    write_manifest(pd.DataFrame(rows), SYNTH, root / "synth" / "manifest.parquet")
+    return root / "synth"
+
+
+def _stages(params, inp, root):
+    train.run(params, inp, root / "model")
+    threshold.run(params, inp, root / "model", root / "threshold.json", root / "val.parquet")
+    evaluate.run(params, inp, root / "model", root / "threshold.json", root / "reports")
+    return (json.loads((root / "threshold.json").read_text()),
+            json.loads((root / "reports" / "metrics.json").read_text()))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DEFECTFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return root, make_dataset(root)
+
+
+@pytest.fixture(scope="module")
+def both(data, tmp_path_factory):
+    _, inp = data
+    root = tmp_path_factory.mktemp("both")
+    params = _params(head="both", score_from="image")
+    thr, metrics = _stages(params, inp, root)
+    return root, inp, params, thr, metrics
+
+
+def test_head_both_trains_both_heads_in_one_folder(both):
+    root, _, _, _, _ = both
+    assert (root / "model" / MODEL_FILE).is_file() and (root / "model" / CONV_FILE).is_file()
+    card = json.loads((root / "model" / "card.json").read_text())
+    assert card["heads"] == ["image", "conv"] and card["scored_by"] == "image"
+    assert card["best_epoch"] >= 1 and card["n_train_images"] == 16            # image head fields as before
+    conv = card["conv"]
+    assert conv["n_train_images"] == 16 and len(conv["best_epoch"]) == 2 and conv["model_mb"] > 0
+    assert conv["features"]["levels"] == [0, 1] and conv["features"]["strides"] == [8, 16]
+    loss = pd.read_csv(root / "model" / "conv_loss.csv")
+    assert list(loss.columns) == ["epoch", "level", "train_nll", "val_nll"] and len(loss) == 4 * 2
+    heads = load_heads(root / "model")
+    assert heads.names == ("image", "conv")
+
+
+def test_head_both_threshold_fits_a_map_threshold(both):
+    root, _, _, thr, _ = both
+    assert thr["score_from"] == "image" and thr["heads"] == ["image", "conv"]
+    conv = thr["conv"]
+    assert "quantile of the map maxima" in conv["rule"] and conv["vmin"] < conv["map_threshold"] < conv["vmax"]
+    val = read_manifest(root / "val.parquet", SCORES)
+    assert np.allclose(val["score"], val["score_image"]) and val["score_conv"].notna().all()
+    assert val["map_area"].between(0, 1).all() and val["n_boxes"].notna().all()
+
+
+def test_head_both_evaluate_gives_pixel_auroc_boxes_and_overlays(both):
+    root, _, _, thr, m = both
+    rep = root / "reports"
+    assert m["pixel_auroc"] is not None and m["pixel_auroc"] > 0.8
+    assert m["score_from"] == "image" and set(m["heads"]) == {"image", "conv"}
+    assert m["heads"]["image"]["image_auroc"] == m["image_auroc"]
+    assert m["heads"]["conv"]["image_auroc"] >= 0.75
+    assert set(m["per_defect_type"]) == {"disc"} and m["map_threshold"] == thr["conv"]["map_threshold"]
+    boxes = pd.read_parquet(rep / "boxes.parquet")
+    assert list(boxes.columns) == list(evaluate.BOX_COLUMNS) and len(boxes) == m["n_boxes"]
+    scores = read_manifest(rep / "scores.parquet", SCORES)
+    flagged = set(scores.loc[scores.pred_defect, "item_id"])
+    assert set(boxes["item_id"]) <= flagged
+    assert ((boxes.x0 < boxes.x1) & (boxes.y0 < boxes.y1) & (boxes.x1 <= 64) & (boxes.y1 <= 64)).all()
+    assert scores["score_conv"].notna().all() and scores["map_mean"].notna().all()
+    html = (rep / "report.html").read_text()
+    assert "pixel_auroc" in html and "http" not in html
+    if m["n_products_flagged"]:
+        assert "heat map + boxes" in html and "anomaly map\" src=\"data:image/jpeg;base64," in html
+
+
+def test_score_from_conv_uses_the_map_score_and_the_same_threshold(both, tmp_path):
+    root, inp, _, _, _ = both
+    params = _params(head="both", score_from="conv")
+    threshold.run(params, inp, root / "model", tmp_path / "t.json", tmp_path / "v.parquet")
+    thr = json.loads((tmp_path / "t.json").read_text())
+    assert thr["score_from"] == "conv" and thr["conv"]["map_threshold"] == thr["threshold"]
+    evaluate.run(params, inp, root / "model", tmp_path / "t.json", tmp_path / "rep")
+    m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert m["image_auroc"] == m["heads"]["conv"]["image_auroc"] and m["score_from"] == "conv"
+    scores = read_manifest(tmp_path / "rep" / "scores.parquet", SCORES)
+    assert np.allclose(scores["score"], scores["score_conv"])
+    # every flagged image has a pixel over the map threshold: a box unless it is smaller than min_area
+    boxes = pd.read_parquet(tmp_path / "rep" / "boxes.parquet")
+    assert set(boxes.item_id) <= set(scores.loc[scores.pred_defect, "item_id"])
+    # a threshold fitted on the other head's scores is refused
+    with pytest.raises(evaluate.EvaluateError, match="rerun threshold"):
+        evaluate.run(params, inp, root / "model", root / "threshold.json", tmp_path / "rep2")
+
+
+def test_head_image_still_works_without_maps(data, tmp_path):
+    _, inp = data
+    thr, m = _stages(_params(head="image", score_from="conv"), inp, tmp_path)   # score_from ignored: one head
+    assert not (tmp_path / "model" / CONV_FILE).exists() and thr["conv"] is None and thr["score_from"] == "image"
+    assert m["image_auroc"] is not None and m["pixel_auroc"] is None and m["heads"].keys() == {"image"}
+    assert any("no conv head" in n for n in m["notes"])
+    assert pd.read_parquet(tmp_path / "reports" / "boxes.parquet").empty
+
+
+def test_head_conv_alone(data, tmp_path):
+    _, inp = data
+    thr, m = _stages(_params(head="conv"), inp, tmp_path)
+    assert not (tmp_path / "model" / MODEL_FILE).exists() and (tmp_path / "model" / "train_loss.csv").is_file()
+    assert thr["score_from"] == "conv" and m["pixel_auroc"] is not None and m["heads"].keys() == {"conv"}
+    # a folder with one head scores with it, whatever score_from says (as train.head conv / image do)
+    df = read_manifest(inp / "manifest.parquet", SYNTH)
+    got = score_items(df[df.split == "test"], tmp_path / "model", _params(head="both", score_from="image"))
+    assert np.allclose(got["score"], got["score_conv"]) and "score_image" not in got
+    with pytest.raises(ModelError, match="no model found"):
+        load_heads(tmp_path / "nothing")
+
+
+def test_conv_params_are_validated():
+    with pytest.raises(ParamsError, match="train.conv"):
+        params_from_dict({"train": {"conv": {"levels": [0, 5]}}})
+    with pytest.raises(ParamsError, match="train.head"):
+        params_from_dict({"train": {"head": "pixel"}})
+    with pytest.raises(ParamsError, match="maps.score"):
+        params_from_dict({"maps": {"score": "median"}})
+    p = params_from_dict({})
+    assert p.train.head == "both" and p.train.heads == ("image", "conv")
