@@ -4,6 +4,7 @@
     defectflow check [params.yaml]                    validate parameters
     defectflow summary                                where the report and metrics are
     defectflow export [--model DIR] [--out model.onnx] one ONNX model: image tensor in, score out
+    defectflow stage frames --params P --inp SRC --out DIR   one vision stage, no DVC/Prefect
 """
 from __future__ import annotations
 
@@ -58,6 +59,19 @@ def _summary(args) -> int:
     return 0
 
 
+VISION_STAGES = ("frames", "detect", "masks", "roi", "augment", "synth")
+
+
+def _stage(args) -> int:
+    """One vision stage in this process (no DVC, no Prefect): for trying params on new footage."""
+    import importlib
+
+    report = importlib.import_module(f"defectflow.{args.name}").run(
+        load_params(args.params), Path(args.inp), Path(args.out))
+    print(report.summary())
+    return 0
+
+
 def _export(args) -> int:
     from defectflow.export import export_model
 
@@ -85,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_check)
     p = sub.add_parser("summary", help="where the report and metrics are")
     p.set_defaults(fn=_summary)
+    p = sub.add_parser("stage", help="run one vision stage here, without DVC or Prefect")
+    p.add_argument("name", choices=VISION_STAGES)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--inp", required=True, help="source folder (frames) or the previous stage's folder")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=_stage)
     p = sub.add_parser("export", help="write one ONNX model (backbone + density head): image in, score out")
     p.add_argument("--model", help="trained model folder (default: models/model)")
     p.add_argument("--out", help="output .onnx file (default: models/model.onnx)")
