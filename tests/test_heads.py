@@ -67,11 +67,8 @@ def _stages(params, inp, root):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DEFECTFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
+def _cache(private_cache):
+    """Every test here uses a private cache (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -76,11 +76,8 @@ def make_dataset(root, n_train=20, n_val=4, n_test_good=4, n_test_defect=4, val_
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _onnx_cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DEFECTFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
+def _onnx_cache(private_cache):
+    """Every test here uses a private cache (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
