@@ -92,10 +92,13 @@ def split_validation(val_df: pd.DataFrame, seed: int, select_fraction: float, se
     return ordered.iloc[np.sort(perm[:n_sel])], ordered.iloc[np.sort(perm[n_sel:])]
 
 
-def _drop_skipped(df: pd.DataFrame, feats: np.ndarray, what: str, skipped: list) -> tuple[pd.DataFrame, np.ndarray]:
+def _pooled_features(fx: FeatureExtractor, df: pd.DataFrame, n_transforms: int, on_bad_image: str,
+                     skipped: list, what: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Features of ``df``'s images; unreadable ones (on_bad_image: skip) are noted and left out."""
+    feats = fx.extract(df["image_path"], n_transforms, progress=True, desc=f"{what} features",
+                       on_bad_image=on_bad_image)
+    _note_skipped(skipped, fx.skipped, what)
     ok = ~np.isnan(feats).any(axis=(1, 2)) if len(feats) else np.zeros(0, bool)
-    if skipped:
-        log.warning("%s: skipped %d unreadable image(s): %s", what, len(skipped), "; ".join(m for _, m in skipped))
     return df[ok], feats[ok]
 
 
@@ -154,18 +157,12 @@ def _train_image_head(params: Params, src: Path, train_df, sel_df, cal_df, val_d
     tp = params.train
     t0 = time.perf_counter()
     fx = FeatureExtractor.from_params(tp)
-    train_feats = fx.extract(train_df["image_path"], tp.n_transforms, progress=True, desc="train features",
-                             on_bad_image=tp.on_bad_image)
-    skipped += fx.skipped
-    train_df, train_feats = _drop_skipped(train_df, train_feats, "train", fx.skipped)
+    train_df, train_feats = _pooled_features(fx, train_df, tp.n_transforms, tp.on_bad_image, skipped, "train")
     if train_df.empty:
         raise TrainError(f"{src}: every good training image was unreadable (train.on_bad_image: skip)")
     val_feats = None
     if len(sel_df):
-        val_feats = fx.extract(sel_df["image_path"], tp.n_transforms_test, progress=True, desc="val features",
-                               on_bad_image=tp.on_bad_image)
-        skipped += fx.skipped
-        sel_df, val_feats = _drop_skipped(sel_df, val_feats, "val", fx.skipped)
+        sel_df, val_feats = _pooled_features(fx, sel_df, tp.n_transforms_test, tp.on_bad_image, skipped, "val")
         if sel_df.empty:
             raise TrainError(f"{src}: no readable validation image left to pick the epoch")
     t_feat = time.perf_counter() - t0
