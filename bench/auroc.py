@@ -11,8 +11,10 @@ so ``train_s`` includes the backbone.
 Figures (all speeds from this one run, same machine load; absolute numbers on a shared 2-core box
 are noisy, ratios much less so):
 
-- ``score_images_per_s``: backbone + density head (both ONNX Runtime) incl. rotations /
-  normalisation, on preloaded 224 px float images, ``n_transforms_test`` transforms per image
+- ``score_images_per_s``: every head of the model (params defaults: image + conv head, fused score)
+  on preloaded 224 px float images: rotations / normalisation, the backbone (one pass per image and
+  ``n_transforms_test`` rotation, shared by the heads), both density heads (ONNX Runtime), the
+  anomaly maps (upsampling, blur) and their scores; ``image_head_images_per_s``: the image head alone
 - ``backbone_images_per_s``: the ONNX Runtime backbone alone on the same preloaded tensors, one
   pass per image (batch 32) -- the issue's anchor; ``backbone_same_work_images_per_s``: the
   backbone alone on every transformed input the scorer needs (the scorer's ceiling)
@@ -46,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from defectflow import evaluate, threshold, train  # noqa: E402
 from defectflow.config import load_params_with, parse_sets  # noqa: E402
 from defectflow.manifest import SYNTH, write_manifest  # noqa: E402
-from defectflow.scoring import HEAD_FILE, MODEL_FILE, load_model, select_rows  # noqa: E402
+from defectflow.scoring import HEAD_FILE, MODEL_FILE, load_heads, select_rows  # noqa: E402
 from defectflow.sources.images import load_items  # noqa: E402
 
 
@@ -104,7 +106,8 @@ def main() -> None:
     test = select_rows(items, "test")
     paths = test["image_path"].tolist()[: args.speed_images]
     n = len(paths)
-    model = load_model(work / "model")
+    heads = load_heads(work / "model")
+    model = heads.image
     fx = model.extractor(params)
     model.score_features(np.zeros((1, tp.n_transforms_test, fx.dim), np.float32), tp.threads)  # warm up
 
@@ -116,11 +119,16 @@ def main() -> None:
     images = decode_all()
     decode_s = time.perf_counter() - t
 
-    def score(imgs, t_count):
+    def image_head(imgs, t_count):
         return model.score_features(fx.features(imgs, t_count), tp.threads)
+
+    def score(imgs, t_count):
+        p = params.model_copy(update={"train": tp.model_copy(update={"n_transforms_test": t_count})})
+        return heads.score_images(imgs, p)[0]["score"]
 
     score(images[:4], tp.n_transforms_test)                       # warm up the sessions
     score_rate = _rate(n, lambda: score(images, tp.n_transforms_test), 2)
+    image_rate = _rate(n, lambda: image_head(images, tp.n_transforms_test), 2)
     x224 = prepare(images, 1, tp.image_size, (1.0,), fx.spec.mean, fx.spec.std)[0]
     net224 = fx.nets[0]
     bb_rate = _rate(n, lambda: [net224.pooled(x224[i:i + 32]) for i in range(0, n, 32)], 2)
@@ -132,12 +140,12 @@ def main() -> None:
     with torch.no_grad():
         tnet(xt[:2])
         torch_rate = _rate(n, lambda: [tnet(xt[i:i + 32]) for i in range(0, n, 32)])
+    from defectflow.scoring import score_with_maps
     t = time.perf_counter()
-    feats = fx.extract(paths, tp.n_transforms_test, use_cache=False)
-    model.score_features(feats, tp.threads)
+    e2e = score_with_maps(test.iloc[:n], work / "model", params, model=heads)[0]
     e2e_s = time.perf_counter() - t
     a = np.asarray(score(images[:8], tp.n_transforms_test))
-    b = np.asarray(model.score_features(feats[:8], tp.threads))
+    b = e2e["score"].to_numpy()[:8]
     table = None
     if args.table:
         sub = images[: min(32, n)]
@@ -161,7 +169,9 @@ def main() -> None:
         "best_epoch": card["best_epoch"], "epochs_run": card["epochs_run"],
         "train_s": round(train_s, 1), "feature_s": card["feature_seconds"], "fit_s": card["fit_seconds"],
         "speed_images": n,
+        "heads": list(heads.names),
         "score_images_per_s": round(score_rate, 2),
+        "image_head_images_per_s": round(image_rate, 2),
         "backbone_images_per_s": round(bb_rate, 2),
         "backbone_same_work_images_per_s": round(bb_same_rate, 2),
         "torch_backbone_images_per_s": round(torch_rate, 2),

@@ -147,7 +147,8 @@ def anomaly_maps(level_maps: Sequence, size: tuple[int, int], sigma: float = 4.0
     if sigma > 0:
         k = gaussian_ksize(sigma)
         for i in range(n):
-            out[i] = cv2.GaussianBlur(out[i], (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+            out[i] = cv2.GaussianBlur(out[i], (k, k), sigmaX=sigma, sigmaY=sigma,
+                                      borderType=cv2.BORDER_REFLECT_101)
     return out
 
 

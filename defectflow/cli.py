@@ -3,7 +3,7 @@
     defectflow demo [--size tiny|small] [--out DIR]   write the synthetic demo videos
     defectflow check [params.yaml]                    validate parameters
     defectflow summary                                where the report and metrics are
-    defectflow export [--model DIR] [--out model.onnx] one ONNX model: image tensor in, score out
+    defectflow export [--model DIR] [--out model.onnx] one ONNX model: image tensor in, scores (+ map) out
     defectflow stage frames --params P --inp SRC --out DIR   one vision stage, no DVC/Prefect
 """
 from __future__ import annotations
@@ -78,9 +78,9 @@ def _export(args) -> int:
     params = load_params(args.params)
     model_dir = Path(args.model or layout.MODELS / "model")
     out = Path(args.out or model_dir.parent / "model.onnx")
-    export_model(model_dir, out, params.train.n_transforms_test)
+    export_model(model_dir, out, params)
     print(f"wrote {out}: input 'image' float32 (N, 3, {params.train.image_size}, {params.train.image_size}) "
-          f"RGB in [0, 1] -> output 'score' (N,)")
+          f"RGB in [0, 1] -> output 'score' (N,) and each head's score (and 'anomaly_map' with a conv head)")
     return 0
 
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inp", required=True, help="source folder (frames) or the previous stage's folder")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=_stage)
-    p = sub.add_parser("export", help="write one ONNX model (backbone + density head): image in, score out")
+    p = sub.add_parser("export", help="write one ONNX model (backbone + heads): image in, scores and anomaly map out")
     p.add_argument("--model", help="trained model folder (default: models/model)")
     p.add_argument("--out", help="output .onnx file (default: models/model.onnx)")
     p.add_argument("--params", default="params.yaml")

@@ -140,9 +140,9 @@ class ConvHeadParams(_Strict):
 class TrainParams(_Strict):
     head: Literal["image", "conv", "both"] = Field("both", description=(
         "image: DifferNet-style pooled-feature head; conv: fully convolutional head (maps, boxes); both"))
-    score_from: Literal["image", "conv"] = Field("image", description=(
-        "head both: which head's score is the image score that is thresholded (a single head scores alone). "
-        "Image AUROC image vs conv head: bottle 1.0 / 1.0, magnetic tile 0.892 / 0.734, small demo 0.874 / 0.966"))
+    score_from: Literal["image", "conv", "fused"] = Field("fused", description=(
+        "head both: the image score that is thresholded: one head's, or fused = mean of both heads' scores, "
+        "each standardised on good validation images (a single head scores alone)"))
     conv: ConvHeadParams = ConvHeadParams()
     backbone: Literal["efficientnet_lite0", "squeezenet1_1", "alexnet"] = "efficientnet_lite0"
     weights: Optional[str] = Field(None, description="path to backbone weights; default: the packaged ones")

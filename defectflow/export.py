@@ -1,31 +1,42 @@
-"""One ONNX model for deployment: backbone + pooling + density head, image tensor in, score out.
+"""One ONNX model for deployment: image tensor in, the pipeline's scores (and anomaly map) out.
 
     defectflow export [--model models/model] [--out models/model.onnx]
 
 Input ``image``: float32 ``(N, 3, S, S)``, RGB in [0, 1], already resized to ``train.image_size``
 (``S``), as :func:`defectflow.features.load_image` + resize give it. Inside the graph: ImageNet
 normalisation, the ``n_transforms_test`` rotations (multiples of 90 degrees: 1, 2 or 4 transforms),
-each image scale (area downscale by an integer factor), the backbone, global average pooling,
-the density model's NLL per dim averaged over the rotations. Output ``score``: ``(N,)``.
+each image scale (area downscale by an integer factor), one backbone pass per rotation and scale,
+then every head of the model folder:
 
-The pipeline itself scores with two ONNX Runtime sessions (backbone, head) and numpy
-preprocessing, which also allows any rotation count; this file is the single-file artefact.
+- image head: global average pooling, the density model's NLL per dim averaged over the rotations
+  -> ``score_image (N,)``
+- conv head: the unrotated pass's maps -> per-position NLL per channel -> bilinear upsampling to
+  ``S`` -> mean over levels -> Gaussian blur (``maps.sigma``) -> ``anomaly_map (N, S, S)`` and its
+  image score (``maps.score``) -> ``score_conv (N,)``
+
+and ``score (N,)``, the score the threshold in ``threshold.json`` applies to: ``train.score_from``'s
+head, or ``fused`` (each head standardised with ``fusion.json``, averaged). The pipeline itself
+scores with ONNX Runtime sessions (backbone, heads) and numpy / OpenCV around them, which also
+allows any rotation count; this file is the single-file artefact, tested equal to the pipeline.
 """
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from defectflow.anomaly_maps import gaussian_ksize
 from defectflow.backbones import build_backbone, get_backbone
+from defectflow.config import Params
 from defectflow.errors import DefectflowError
 from defectflow.features import ONNX_OPSET, rotation_angles, scale_sizes
 from defectflow.fsutil import atomic_path
-from defectflow.scoring import LoadedModel, load_model
+from defectflow.scoring import HEADS, Heads, LoadedModel, load_heads
 from defectflow.stage import logger
 
 log = logger("export")
@@ -47,15 +58,22 @@ def _rot90(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class FullScorer(nn.Module):
-    """``image (N, 3, S, S) in [0, 1] -> score (N,)`` in torch (the graph that is exported)."""
+    """``image (N, 3, S, S) in [0, 1] -> (score, score_image?, score_conv?, anomaly_map?)`` in torch
+    (the graph that is exported). ``model``: a :class:`Heads`, or a :class:`LoadedModel` (image head)."""
 
-    def __init__(self, model: LoadedModel, n_transforms: int):
+    def __init__(self, model: Heads | LoadedModel, n_transforms: int, params: Params | None = None):
         super().__init__()
-        f = model.features
+        heads = model if isinstance(model, Heads) else Heads(image=model)
+        if heads.conv is not None and params is None:
+            raise ExportError("exporting a conv head needs the params (maps.sigma, maps.score)")
+        self.outputs = ["score", *(HEADS[h] for h in heads.names)] + (["anomaly_map"] if heads.conv else [])
+        self.main = heads.scored_by(params) if params is not None else heads.names[0]
+        self.fusion = heads.fusion if self.main == "fused" else None
+        f = heads.image.features if heads.image is not None else heads.conv.meta["features"]
         spec = get_backbone(f["backbone"])
         self.size = int(f["image_size"])
-        self.sizes = scale_sizes(self.size, f["scales"])
-        angles = rotation_angles(n_transforms)
+        self.sizes = scale_sizes(self.size, f["scales"]) if heads.image is not None else [self.size]
+        angles = rotation_angles(n_transforms if heads.image is not None else 1)
         if any(abs(a / 90 - round(a / 90)) > 1e-9 for a in angles):
             raise ExportError(f"train.n_transforms_test {n_transforms}: the exported graph rotates by multiples "
                               "of 90 degrees only (1, 2 or 4 transforms)")
@@ -63,47 +81,92 @@ class FullScorer(nn.Module):
             if self.size % s:
                 raise ExportError(f"scale size {s} px does not divide image_size {self.size}: the exported graph "
                                   "downscales by integer factors only")
+        if heads.conv is not None and not heads.shares_pass(params) and heads.image is not None:
+            raise ExportError("the conv head and the image head use different backbone inputs: export one head")
         self.quarters = [int(round(a / 90)) % 4 for a in angles]
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
         self.nets = nn.ModuleList([build_backbone(f["backbone"], pretrained=f["pretrained"], weights=f.get("weights"),
                                                   image_size=s) for s in self.sizes])
-        self.density = model.density.eval()
+        self.density = heads.image.density.eval() if heads.image is not None else None
+        self.conv = heads.conv.model.eval() if heads.conv is not None else None
+        if self.conv is not None:
+            mp = params.maps
+            self.levels = list(heads.conv.meta["features"]["levels"])
+            self.map_score, self.top_fraction = mp.score, mp.top_fraction
+            self.pad = gaussian_ksize(mp.sigma) // 2 if mp.sigma > 0 else 0
+            if self.pad >= self.size:
+                raise ExportError(f"maps.sigma {mp.sigma}: the blur is wider than the {self.size} px map")
+            kernel = cv2.getGaussianKernel(2 * self.pad + 1, mp.sigma, cv2.CV_32F).ravel() if self.pad else [1.0]
+            self.register_buffer("kernel", torch.tensor(np.asarray(kernel), dtype=torch.float32))
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def _anomaly_map(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        nll = [-ll / c for ll, c in zip(self.conv([maps[i] for i in self.levels]), self.conv.channels)]
+        up = [F.interpolate(m.unsqueeze(1), size=(self.size, self.size), mode="bilinear", align_corners=False)
+              for m in nll]
+        a = torch.stack(up).mean(dim=0)                                  # (N, 1, S, S)
+        if self.pad:
+            k = self.kernel.numel()
+            a = F.pad(a, (self.pad,) * 4, mode="reflect")               # = cv2.BORDER_REFLECT_101
+            a = F.conv2d(F.conv2d(a, self.kernel.view(1, 1, 1, k)), self.kernel.view(1, 1, k, 1))
+        return a[:, 0]
+
+    def _map_score(self, amap: torch.Tensor) -> torch.Tensor:
+        flat = amap.flatten(1)
+        if self.map_score == "max":
+            return flat.amax(dim=1)
+        if self.map_score == "mean":
+            return flat.mean(dim=1)
+        k = max(1, int(round(self.top_fraction * flat.shape[1])))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+
+    def forward(self, image: torch.Tensor):
         x = (image - self.mean) / self.std
-        n = x.shape[0]
+        n, t = x.shape[0], len(self.quarters)
         rots = torch.stack([_rot90(x, k) for k in self.quarters], dim=1)   # (N, T, 3, S, S)
-        flat = rots.reshape(n * len(self.quarters), 3, self.size, self.size)
-        pooled = []
+        flat = rots.reshape(n * t, 3, self.size, self.size)
+        pooled, conv_maps = [], None
         for size, net in zip(self.sizes, self.nets):
             xs = flat if size == self.size else F.avg_pool2d(flat, self.size // size)
-            pooled.append(torch.cat([m.mean(dim=(2, 3)) for m in net(xs)], dim=1))
-        feats = torch.cat(pooled, dim=1).reshape(n, len(self.quarters), -1)
-        return self.density.score_graph(feats)
+            maps = net(xs)
+            pooled.append(torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1))
+            if size == self.size and conv_maps is None:
+                conv_maps = [m.reshape(n, t, *m.shape[1:])[:, 0] for m in maps]   # the unrotated pass
+        out = {}
+        if self.density is not None:
+            out[HEADS["image"]] = self.density.score_graph(torch.cat(pooled, dim=1).reshape(n, t, -1))
+        if self.conv is not None:
+            amap = self._anomaly_map(conv_maps)
+            out[HEADS["conv"]], out["anomaly_map"] = self._map_score(amap), amap
+        if self.fusion is not None:
+            z = [(out[HEADS[h]] - v["mean"]) / v["std"] for h, v in self.fusion["heads"].items()]
+            score = torch.stack(z).mean(dim=0)
+        else:
+            score = out[HEADS[self.main]]
+        return tuple([score] + [out[o] for o in self.outputs[1:]])
 
 
-def export_model(model_dir: Path | str, out: Path | str, n_transforms: int) -> Path:
-    """Write ``out`` (atomically): the single-file scorer of the model in ``model_dir``."""
-    model = load_model(model_dir)
-    scorer = FullScorer(model, n_transforms).eval()
+def export_model(model_dir: Path | str, out: Path | str, params: Params) -> Path:
+    """Write ``out`` (atomically): the single-file scorer of every head in ``model_dir``."""
+    scorer = FullScorer(load_heads(model_dir), params.train.n_transforms_test, params).eval()
     dummy = torch.rand(2, 3, scorer.size, scorer.size)
     out = Path(out)
+    axes = {name: {0: "batch"} for name in ["image", *scorer.outputs]}
     with atomic_path(out) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(scorer, (dummy,), str(tmp), dynamo=False, input_names=["image"], output_names=["score"],
-                          dynamic_axes={"image": {0: "batch"}, "score": {0: "batch"}}, opset_version=ONNX_OPSET)
-    log.info("wrote %s (%.1f MB): image (N, 3, %d, %d) RGB in [0, 1] -> score (N,)", out,
-             out.stat().st_size / 2**20, scorer.size, scorer.size)
+        torch.onnx.export(scorer, (dummy,), str(tmp), dynamo=False, input_names=["image"],
+                          output_names=scorer.outputs, dynamic_axes=axes, opset_version=ONNX_OPSET)
+    log.info("wrote %s (%.1f MB): image (N, 3, %d, %d) RGB in [0, 1] -> %s (score from %s)", out,
+             out.stat().st_size / 2**20, scorer.size, scorer.size, ", ".join(scorer.outputs), scorer.main)
     return out
 
 
-def onnx_scores(path: Path | str, images: np.ndarray, threads: int = 2) -> np.ndarray:
-    """Run an exported model on ``(N, 3, S, S)`` images: scores ``(N,)``."""
+def onnx_scores(path: Path | str, images: np.ndarray, threads: int = 2, output: str = "score") -> np.ndarray:
+    """Run an exported model on ``(N, 3, S, S)`` images: its ``output`` (default the score ``(N,)``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads)
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return sess.run(["score"], {"image": np.ascontiguousarray(images, dtype=np.float32)})[0]
+    return sess.run([output], {"image": np.ascontiguousarray(images, dtype=np.float32)})[0]

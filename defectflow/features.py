@@ -258,6 +258,13 @@ class OnnxBackbone:
         """Globally average-pooled maps, concatenated: ``(B, sum C_i)`` (pooling runs inside the graph)."""
         return self.session.run(["pooled"], {"image": np.ascontiguousarray(x, dtype=np.float32)})[0]
 
+    def outputs(self, x: np.ndarray, names: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:
+        """The named outputs (``map0..``, ``pooled``) of one pass over ``x``, in network batches of
+        ``batch_size`` (bounds ONNX Runtime's activation memory)."""
+        parts = [self.session.run(list(names), {"image": np.ascontiguousarray(x[i:i + batch_size], np.float32)})
+                 for i in range(0, len(x), batch_size)]
+        return [np.concatenate([p[k] for p in parts]) for k in range(len(names))]
+
 
 # ------------------------------------------------------------------ cache
 class FeatureCache:
@@ -443,6 +450,35 @@ class FeatureExtractor:
         return out
 
 
-def _load_small(path: Path, size: int) -> np.ndarray:
-    """Load and shrink to ``size`` right away (keeps big frames out of memory)."""
-    return _resize(load_image(path), size)
+def iter_decoded(paths: Sequence[str | os.PathLike], size: int, *, threads: int = 2, batch_size: int = 32,
+                 on_bad_image: str = "error"):
+    """Decode image files in batches, the next batch decoding while the caller works on this one.
+
+    Yields ``(indices, images, skipped)``: the positions in ``paths`` of the readable images, those
+    images (float RGB resized to ``size``) and the ``(path, error)`` of unreadable ones, which stop
+    the run (``on_bad_image='error'``, the error names the file) or are skipped (``'skip'``).
+    """
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+    paths = [Path(p) for p in paths]
+
+    def load(i: int):
+        try:
+            return i, _resize(load_image(paths[i]), size), None
+        except ImageReadError as err:
+            if on_bad_image == "error":
+                raise
+            log.warning("skipped unreadable image %s", err)
+            return i, None, (str(paths[i]), str(err))
+
+    batches = [range(i, min(i + batch_size, len(paths))) for i in range(0, len(paths), batch_size)]
+    if not batches:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, int(threads))) as pool_:
+        pending = [pool_.submit(load, i) for i in batches[0]]
+        for b in range(len(batches)):
+            results = [f.result() for f in pending]
+            if b + 1 < len(batches):
+                pending = [pool_.submit(load, i) for i in batches[b + 1]]
+            yield ([i for i, img, _ in results if img is not None], [img for _, img, _ in results if img is not None],
+                   [err for _, _, err in results if err is not None])

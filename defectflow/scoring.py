@@ -13,12 +13,17 @@ features ``(N, T, D)`` in, score ``(N,)`` out), also run by ONNX Runtime; a mode
 without it falls back to the torch head.
 
 Two heads (``train.head``): ``image`` (the above, ``model.pt``) and ``conv``, the fully
-convolutional density model on unpooled feature maps (``conv.pt``, :mod:`defectflow.density.conv`):
-per-position NLL -> anomaly map at ``train.image_size`` (:mod:`defectflow.anomaly_maps`) -> image
-score (``maps.score``). Every head in the model folder is scored; its score goes to its
-:data:`HEADS` column and ``score`` is the ``train.score_from`` head's (a folder with one head:
-that one). The conv head also fills ``map_mean`` and, given a map threshold, ``map_area`` and
-``n_boxes``; :func:`score_with_maps` also hands back the maps.
+convolutional density model on unpooled feature maps (``conv.pt`` + ``conv.onnx``,
+:mod:`defectflow.density.conv`): per-position NLL -> anomaly map at ``train.image_size``
+(:mod:`defectflow.anomaly_maps`) -> image score (``maps.score``). With both heads the backbone runs
+once per image and rotation: the conv head reads the maps of the unrotated pass.
+
+Every head in the model folder is scored into its :data:`HEADS` column. ``score`` is the
+``train.score_from`` head's, or ``fused``: the mean of both heads' scores, each standardised by
+the mean / std of its scores on the good validation images (``fusion.json``, written by the
+train stage), so ``score`` is in "good-image standard deviations". A folder with one
+head scores with it. The conv head also fills ``map_mean`` and, given a map threshold, ``map_area``
+and ``n_boxes``; :func:`score_with_maps` also hands back the maps.
 
 >>> scored = score_items(df, "models/model", params)         # doctest: +SKIP
 >>> verdicts = product_verdicts(scored, threshold=1.23)        # doctest: +SKIP
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,13 +41,15 @@ import torch
 from defectflow.config import Params
 from defectflow.density import DensityConfig, DensityModel
 from defectflow.errors import DefectflowError
-from defectflow.features import FeatureExtractor
+from defectflow.features import FeatureExtractor, iter_decoded, prepare
 from defectflow.manifest import VERDICTS
 
 MODEL_FILE = "model.pt"
 HEAD_FILE = "density.onnx"
 VAL_SPLIT_FILE = "val_split.json"
 CONV_FILE = "conv.pt"
+CONV_HEAD_FILE = "conv.onnx"
+FUSION_FILE = "fusion.json"
 MODEL_FORMAT = 1
 HEADS = {"image": "score_image", "conv": "score_conv"}   # head -> the SCORES column with its score
 
@@ -68,17 +75,7 @@ class LoadedModel:
         """ONNX Runtime session of ``density.onnx`` (None when the folder has none: torch is used)."""
         if self._head is None:
             file = self.model_dir / HEAD_FILE if self.model_dir is not None else None
-            self._head = False
-            if file is not None and file.is_file():
-                import onnxruntime as ort
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads = int(threads)
-                opts.inter_op_num_threads = 1
-                opts.log_severity_level = 3
-                try:
-                    self._head = ort.InferenceSession(str(file), opts, providers=["CPUExecutionProvider"])
-                except Exception as err:
-                    raise ModelError(f"{file}: unreadable ONNX density head ({err}); retrain or delete it") from None
+            self._head = _ort_session(file, threads, "density head") if file is not None and file.is_file() else False
         return self._head or None
 
     def score_features(self, feats: np.ndarray, threads: int = 2, backend: str = "auto") -> np.ndarray:
@@ -178,27 +175,6 @@ def load_model(model_dir: Path | str) -> LoadedModel:
 
 
 # ------------------------------------------------------------------ conv head
-def load_images(paths, size: int, on_bad_image: str = "error", threads: int = 2) -> tuple[list, list]:
-    """Float RGB images resized to ``size`` (None where unreadable and ``on_bad_image == 'skip'``),
-    and the skipped ``(path, error)`` pairs."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from defectflow.features import _resize, load_image
-    from defectflow.fsutil import ImageReadError
-
-    def one(p):
-        try:
-            return _resize(load_image(p), size), None
-        except ImageReadError as err:
-            if on_bad_image == "error":
-                raise
-            return None, (str(p), str(err))
-
-    with ThreadPoolExecutor(max_workers=max(1, int(threads))) as pool:
-        res = list(pool.map(one, [str(p) for p in paths]))
-    return [r[0] for r in res], [r[1] for r in res if r[1] is not None]
-
-
 def map_extractor(features: dict, params: Params):
     """The :class:`~defectflow.anomaly_maps.MapExtractor` of a conv head's ``features`` (from its meta or
     from ``MapExtractor.describe()`` + pretrained / weights)."""
@@ -214,32 +190,45 @@ def extract_maps(fx, paths, on_bad_image: str = "error", chunk: int = 64, progre
     """Unpooled backbone maps of image files, one rotation: (``[(n_ok, C_i, h_i, w_i)]``, ok mask ``(N,)``,
     skipped ``(path, error)``). Unreadable images stop (``error``) or are left out (``skip``)."""
     paths = list(paths)
-    ok = np.ones(len(paths), bool)
+    ok = np.zeros(len(paths), bool)
     skipped: list = []
     parts: list[list[np.ndarray]] = [[] for _ in fx.levels]
-    it = range(0, len(paths), chunk)
+    batches = iter_decoded(paths, fx.image_size, threads=fx.threads, batch_size=chunk, on_bad_image=on_bad_image)
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, desc=desc, unit="chunk", leave=False)
-    for i in it:
-        imgs, sk = load_images(paths[i:i + chunk], fx.image_size, on_bad_image, fx.threads)
+        batches = tqdm(batches, total=-(-len(paths) // chunk), desc=desc, unit="chunk", leave=False)
+    for idx, images, sk in batches:
         skipped += sk
-        good = [im for im in imgs if im is not None]
-        ok[i:i + chunk] = [im is not None for im in imgs]
-        if good:
-            for k, m in enumerate(fx.maps(good)):
+        ok[idx] = True
+        if images:
+            for k, m in enumerate(fx.maps(images)):
                 parts[k].append(m)
     maps = [np.concatenate(p) if p else np.zeros((0, c, 1, 1), np.float32) for p, c in zip(parts, fx.channels)]
     return maps, ok, skipped
 
 
+def _ort_session(file: Path, threads: int, what: str):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(file), opts, providers=["CPUExecutionProvider"])
+    except Exception as err:
+        raise ModelError(f"{file}: unreadable ONNX {what} ({err}); retrain or delete it") from None
+
+
 @dataclass
 class ConvHead:
-    """A trained conv head (``conv.pt``): the density model and its meta (features, best epochs)."""
+    """A trained conv head (``conv.pt`` and its ONNX export ``conv.onnx``): the density model and its
+    meta (features, best epochs). Scores run in ONNX Runtime when ``conv.onnx`` is there, else torch."""
     model: object                       # defectflow.density.conv.ConvFlow
     meta: dict
     path: Path
     _fx: object = None
+    _session: object = None
 
     def extractor(self, params: Params):
         if self._fx is None:
@@ -251,44 +240,36 @@ class ConvHead:
             self._fx = fx
         return self._fx
 
-    def maps(self, paths, params: Params, progress: bool = False, chunk: int = 64,
-             keep: bool = True, map_threshold: float | None = None) -> tuple[np.ndarray | None, dict, np.ndarray, list]:
-        """Anomaly maps of ``paths`` at ``train.image_size`` (``(n_ok, H, W)`` if ``keep``), per-image summary
-        columns (``score_conv``, ``map_mean``, ``map_area``, ``n_boxes``: arrays over the ok rows),
-        the ok mask ``(N,)`` and the skipped images. Runs chunk by chunk (bounded memory)."""
+    def session(self, threads: int = 2):
+        if self._session is None:
+            file = self.path.parent / CONV_HEAD_FILE
+            self._session = _ort_session(file, threads, "conv head") if file.is_file() else False
+        return self._session or None
+
+    def nll_maps(self, feature_maps: Sequence[np.ndarray], threads: int = 2,
+                 backend: str = "auto") -> list[np.ndarray]:
+        """``-log p / C`` per position per level ``[(N, h_i, w_i)]`` (nats per channel) of backbone maps."""
+        sess = self.session(threads) if backend in ("auto", "onnx") else None
+        if sess is None:
+            return [t.numpy() for t in self.model.nll_per_dim_maps(feature_maps)]
+        feeds = {f"map{i}": np.ascontiguousarray(m, np.float32) for i, m in enumerate(feature_maps)}
+        return [-ll / c for ll, c in zip(sess.run(None, feeds), self.model.channels)]
+
+    def summarise(self, feature_maps: Sequence[np.ndarray], params: Params, keep: bool = True,
+                  map_threshold: float | None = None) -> tuple[np.ndarray | None, dict]:
+        """Anomaly maps at ``train.image_size`` (if ``keep``) and the per-image columns ``score_conv``,
+        ``map_mean`` and, given a map threshold, ``map_area`` and ``n_boxes``."""
         from defectflow.anomaly_maps import anomaly_maps, boxes_from_map, image_scores
 
-        mp = params.maps
-        fx = self.extractor(params)
-        size = (fx.image_size, fx.image_size)
-        paths = list(paths)
-        ok = np.ones(len(paths), bool)
-        skipped: list = []
-        kept: list[np.ndarray] = []
-        cols: dict[str, list] = {"score_conv": [], "map_mean": [], "map_area": [], "n_boxes": []}
-        it = range(0, len(paths), chunk)
-        if progress:
-            from tqdm import tqdm
-            it = tqdm(it, desc="conv maps", unit="chunk", leave=False)
-        torch.set_num_threads(params.train.threads)
-        for i in it:
-            feats, ok_i, sk = extract_maps(fx, paths[i:i + chunk], params.train.on_bad_image, chunk)
-            ok[i:i + chunk] = ok_i
-            skipped += sk
-            if not ok_i.any():
-                continue
-            amaps = anomaly_maps(self.model.nll_per_dim_maps(feats), size, mp.sigma)
-            cols["score_conv"].append(image_scores(amaps, mp.score, mp.top_fraction))
-            cols["map_mean"].append(amaps.reshape(len(amaps), -1).mean(axis=1).astype(np.float64))
-            if map_threshold is not None:
-                cols["map_area"].append((amaps >= map_threshold).reshape(len(amaps), -1).mean(axis=1))
-                cols["n_boxes"].append(np.array([len(boxes_from_map(a, map_threshold, min_area=mp.min_area))
-                                                 for a in amaps], np.int64))
-            if keep:
-                kept.append(amaps)
-        out = {k: (np.concatenate(v) if v else None) for k, v in cols.items()}
-        amaps = (np.concatenate(kept) if kept else np.zeros((0,) + size, np.float32)) if keep else None
-        return amaps, out, ok, skipped
+        mp, fx = params.maps, self.extractor(params)
+        amaps = anomaly_maps(self.nll_maps(feature_maps, params.train.threads), (fx.image_size,) * 2, mp.sigma)
+        cols = {"score_conv": image_scores(amaps, mp.score, mp.top_fraction),
+                "map_mean": amaps.reshape(len(amaps), -1).mean(axis=1).astype(np.float64)}
+        if map_threshold is not None:
+            cols["map_area"] = (amaps >= map_threshold).reshape(len(amaps), -1).mean(axis=1)
+            cols["n_boxes"] = np.array([len(boxes_from_map(a, map_threshold, min_area=mp.min_area)) for a in amaps],
+                                       np.int64)
+        return (amaps if keep else None), cols
 
 
 def load_conv_head(model_dir: Path | str) -> ConvHead:
@@ -304,84 +285,171 @@ def load_conv_head(model_dir: Path | str) -> ConvHead:
     return ConvHead(model, meta, path)
 
 
+# ------------------------------------------------------------------ both heads, one backbone pass
+def fusion_stats(scores: dict[str, np.ndarray], source: str) -> dict:
+    """``fusion.json``: mean / std of each head's scores on good images (``source`` says which)."""
+    out = {"source": source, "heads": {}}
+    for head, s in scores.items():
+        s = np.asarray(s, np.float64)
+        s = s[np.isfinite(s)]
+        if len(s) < 2:
+            raise ModelError(f"fusion needs at least 2 good images scored by the {head} head, got {len(s)}")
+        out["heads"][head] = {"mean": float(s.mean()), "std": float(max(s.std(ddof=1), 1e-9)), "n": int(len(s))}
+    return out
+
+
+def fuse(cols: dict, stats: dict) -> np.ndarray:
+    """The fused score: mean over heads of each head's score standardised by ``stats`` (``fusion.json``)."""
+    z = [(np.asarray(cols[HEADS[h]], np.float64) - v["mean"]) / v["std"] for h, v in stats["heads"].items()]
+    return np.mean(z, axis=0)
+
+
 @dataclass
 class Heads:
-    """The heads of one model folder (``None`` where not trained)."""
+    """The heads of one model folder (``None`` where not trained) and the fusion statistics."""
     image: Optional[LoadedModel] = None
     conv: Optional[ConvHead] = None
     model_dir: Optional[Path] = None
+    fusion: Optional[dict] = None
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(n for n in ("image", "conv") if getattr(self, n) is not None)
 
     def scored_by(self, params: Params) -> str:
-        """The head whose score is ``score`` (``train.score_from`` with both heads, else the only one)."""
-        want = params.train.score_from if len(self.names) == 2 else self.names[0]
-        if want not in self.names:
-            raise ModelError(f"{self.model_dir}: train.score_from is {want} but the model has no {want} head "
-                             f"(it has: {', '.join(self.names)}); retrain with train.head both or change score_from")
+        """What ``score`` is: ``train.score_from`` (image | conv | fused) with both heads, else the only head."""
+        if len(self.names) == 1:
+            return self.names[0]
+        want = params.train.score_from
+        if want == "fused" and self.fusion is None:
+            raise ModelError(f"{self.model_dir}: train.score_from is fused but the model has no {FUSION_FILE} "
+                             "(trained before score fusion): retrain, or set train.score_from image or conv")
         return want
+
+    def shares_pass(self, params: Params) -> bool:
+        """True when the conv head's maps come out of the image head's full-size backbone pass."""
+        if self.image is None or self.conv is None:
+            return False
+        f, c = self.image.features, self.conv.meta.get("features") or {}
+        return (1.0 in tuple(f["scales"]) and f["backbone"] == c.get("backbone")
+                and f["image_size"] == c.get("image_size") and f["weights_id"] == c.get("weights_id"))
+
+    def score_images(self, images: Sequence[np.ndarray], params: Params, *, keep_maps: bool = False,
+                     map_threshold: float | None = None) -> tuple[dict, np.ndarray | None]:
+        """Score decoded float RGB images (at ``train.image_size``) with every head: (columns of
+        :data:`HEADS` scores, ``score`` and the conv map summary, anomaly maps or None).
+
+        The backbone runs once per image and rotation: the image head pools every pass, the conv
+        head reads the unrotated pass's maps (when both heads use the same backbone input).
+        """
+        tp = params.train
+        cols: dict[str, np.ndarray] = {}
+        conv_maps = None
+        if self.image is not None:
+            fx = self.image.extractor(params)
+            t_count = tp.n_transforms_test
+            inputs = prepare(images, t_count, fx.image_size, fx.scales, fx.spec.mean, fx.spec.std)
+            shared = self.shares_pass(params)
+            pooled = []
+            for net, x, scale in zip(fx.nets, inputs, fx.scales):
+                if shared and scale == 1.0 and conv_maps is None:
+                    levels = self.conv.extractor(params).levels
+                    outs = net.outputs(x, [net.map_names[lv] for lv in levels] + ["pooled"], fx.batch_size)
+                    conv_maps = [m[::t_count] for m in outs[:-1]]         # rows i * T: the unrotated image
+                    pooled.append(outs[-1])
+                else:
+                    pooled.append(net.outputs(x, ["pooled"], fx.batch_size)[0])
+            feats = np.concatenate(pooled, axis=1).reshape(len(images), t_count, fx.dim)
+            cols[HEADS["image"]] = self.image.score_features(feats, tp.threads)
+        amaps = None
+        if self.conv is not None:
+            if conv_maps is None:
+                conv_maps = self.conv.extractor(params).maps(images)
+            amaps, conv_cols = self.conv.summarise(conv_maps, params, keep_maps, map_threshold)
+            cols.update(conv_cols)
+        main = self.scored_by(params)
+        cols["score"] = fuse(cols, self.fusion) if main == "fused" else cols[HEADS[main]]
+        return cols, amaps
 
 
 def load_heads(model_dir: Path | str) -> Heads:
-    """Every head in ``model_dir``: ``model.pt`` (image) and/or ``conv.pt`` (conv); errors name the folder."""
+    """Every head in ``model_dir``: ``model.pt`` (image) and/or ``conv.pt`` (conv), and ``fusion.json``;
+    errors name the folder."""
+    import json
+
     d = Path(model_dir)
     image = load_model(d) if (d / MODEL_FILE).is_file() else None
     conv = load_conv_head(d) if (d / CONV_FILE).is_file() else None
     if image is None and conv is None:
         raise ModelError(f"{d}: no model found ({MODEL_FILE} or {CONV_FILE}; has the train stage run?)")
-    return Heads(image, conv, d)
+    fusion = None
+    if (d / FUSION_FILE).is_file():
+        try:
+            fusion = json.loads((d / FUSION_FILE).read_text())
+            assert all({"mean", "std"} <= set(v) for v in fusion["heads"].values())
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise ModelError(f"{d / FUSION_FILE}: unreadable fusion statistics; retrain") from None
+    return Heads(image, conv, d, fusion)
 
 
 def score_with_maps(df: pd.DataFrame, model_dir: Path | str, params: Params, *, model=None,
                     progress: bool = False, cache=None, keep_maps: bool = False,
-                    map_threshold: float | None = None) -> tuple[pd.DataFrame, np.ndarray | None]:
+                    map_threshold: float | None = None, chunk: int = 32) -> tuple[pd.DataFrame, np.ndarray | None]:
     """Score ``df``'s rows with every head of the model: (a copy of the readable rows with ``score``,
     the :data:`HEADS` columns and the conv head's map summary; the conv head's anomaly maps
     ``(n, H, W)`` of those rows when ``keep_maps`` and the model has a conv head, else None).
-    ``model``: a :class:`Heads` or, for the image head alone, a :class:`LoadedModel`."""
+    ``model``: a :class:`Heads` or, for the image head alone, a :class:`LoadedModel`.
+
+    The image head alone reads the feature cache; with a conv head every image is decoded once and
+    goes through one backbone pass per rotation (:meth:`Heads.score_images`), ``chunk`` at a time.
+    """
     heads = (model if isinstance(model, Heads) else
              Heads(image=model, model_dir=Path(model_dir)) if isinstance(model, LoadedModel) else load_heads(model_dir))
     main = heads.scored_by(params)
     out = df.copy()
     for col in ["score", *(HEADS[h] for h in heads.names)]:
         out[col] = pd.Series(np.nan, index=out.index, dtype="float64")
+    out.attrs["scored_by"] = main
+    out.attrs["skipped"] = []
     if len(df) == 0:
         return out, (np.zeros((0, 1, 1), np.float32) if keep_maps and heads.conv is not None else None)
     paths = df["image_path"].tolist()
-    ok = np.ones(len(df), bool)
+    tp = params.train
+    ok = np.zeros(len(df), bool)
     skipped: list = []
-    if heads.image is not None:
+    if heads.conv is None:
         fx = heads.image.extractor(params, cache=cache)
-        torch.set_num_threads(params.train.threads)
-        feats = fx.extract(paths, params.train.n_transforms_test, progress=progress, desc="score",
-                           on_bad_image=params.train.on_bad_image)
-        ok_i = ~np.isnan(feats).any(axis=(1, 2))
+        feats = fx.extract(paths, tp.n_transforms_test, progress=progress, desc="score", on_bad_image=tp.on_bad_image)
+        ok = ~np.isnan(feats).any(axis=(1, 2))
         skipped += list(fx.skipped)
-        vals = np.full(len(df), np.nan)
-        vals[ok_i] = heads.image.score_features(feats[ok_i], params.train.threads)
-        out[HEADS["image"]] = vals
-        ok &= ok_i
-    amaps = None
-    if heads.conv is not None:
-        # rows the image head already found unreadable are not read again
-        idx = np.flatnonzero(ok)
-        amaps, cols, ok_c, sk = heads.conv.maps([paths[i] for i in idx], params, progress=progress,
-                                               keep=keep_maps, map_threshold=map_threshold)
-        seen = {p for p, _ in skipped}
-        skipped += [s for s in sk if s[0] not in seen]
-        good_idx = idx[ok_c]
-        for name, vals in cols.items():
-            if vals is not None:
-                full = np.full(len(df), np.nan)
-                full[good_idx] = vals
-                out[name] = full if name != "n_boxes" else pd.array(
-                    [int(v) if np.isfinite(v) else None for v in full], dtype="Int64")
-        ok_all = np.zeros(len(df), bool)
-        ok_all[good_idx] = True
-        ok &= ok_all                      # amaps rows = good_idx = the rows kept
-    out["score"] = out[HEADS[main]]
+        out.loc[out.index[ok], HEADS["image"]] = heads.image.score_features(feats[ok], tp.threads)
+        out["score"] = out[HEADS["image"]]
+        amaps = None
+    else:
+        size = heads.conv.extractor(params).image_size
+        batches = iter_decoded(paths, size, threads=tp.threads, batch_size=chunk, on_bad_image=tp.on_bad_image)
+        if progress:
+            from tqdm import tqdm
+            batches = tqdm(batches, total=-(-len(paths) // chunk), desc="score", unit="chunk", leave=False)
+        cols: dict[str, list] = {}
+        kept: list[np.ndarray] = []
+        for idx, images, sk in batches:
+            skipped += sk
+            ok[idx] = True
+            if not images:
+                continue
+            got, amaps = heads.score_images(images, params, keep_maps=keep_maps, map_threshold=map_threshold)
+            for name, vals in got.items():
+                cols.setdefault(name, []).append(vals)
+            if keep_maps:
+                kept.append(amaps)
+        rows = out.index[ok]
+        for name, parts in cols.items():
+            vals = np.concatenate(parts)
+            if name == "n_boxes":
+                out[name] = pd.array([None] * len(out), dtype="Int64")
+            out.loc[rows, name] = vals
+        amaps = (np.concatenate(kept) if kept else np.zeros((0, size, size), np.float32)) if keep_maps else None
     out = out[ok].copy()
     out.attrs["skipped"] = skipped
     out.attrs["scored_by"] = main

@@ -11,7 +11,10 @@ Reads ``inp/manifest.parquet`` (SYNTH schema) and writes into ``out_dir`` (atomi
 - ``density.onnx``     the density head alone (pooled features in, score out) for ONNX Runtime
 - ``conv.pt``          the conv head (``train.head: conv | both``): fully convolutional density model
                        on unpooled maps of ``train.conv.levels``, one rotation per image; per level the
-                       epoch with the lowest selection-part val NLL; ``conv_loss.csv`` its curve
+                       epoch with the lowest selection-part val NLL; ``conv_loss.csv`` its curve;
+                       ``conv.onnx`` its ONNX export (maps in, log-likelihood maps out)
+- ``fusion.json``      both heads: mean / std of each head's scores on the good validation images
+                       (both parts), for ``train.score_from: fused``
 
 ``model.pt``, ``density.onnx`` are written for ``train.head: image | both``; ``card.json`` has a
 ``heads`` list and a ``conv`` section when the conv head is trained.
@@ -41,8 +44,9 @@ from defectflow.density import FitConfig, fit_density
 from defectflow.errors import DefectflowError
 from defectflow.features import FeatureExtractor
 from defectflow.manifest import SYNTH, read_manifest
-from defectflow.scoring import (CONV_FILE, HEAD_FILE, MODEL_FILE, VAL_SPLIT_FILE, export_head, extract_maps,
-                                map_extractor, save_model, select_rows)
+from defectflow.scoring import (CONV_FILE, CONV_HEAD_FILE, FUSION_FILE, HEAD_FILE, HEADS, MODEL_FILE,
+                                VAL_SPLIT_FILE, export_head, extract_maps, fusion_stats, map_extractor,
+                                save_model, score_with_maps, select_rows)
 from defectflow.stage import StageReport, logger, manifest_path, stage_run
 
 log = logger("train")
@@ -123,6 +127,8 @@ def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
                                                  card, skipped)
         if "conv" in tp.heads:
             train_df, sel_df = _train_conv_head(params, src, train_df, sel_df, out, report, card, skipped)
+        if len(tp.heads) == 2:
+            _write_fusion(params, pd.concat([sel_df, cal_df]), out, report, card)
         selection = (f"epoch with the lowest NLL on {len(sel_df)} good val images (selection part); "
                      f"{len(cal_df)} other good val images calibrate the threshold"
                      if len(sel_df) else
@@ -206,7 +212,7 @@ def _train_image_head(params: Params, src: Path, train_df, sel_df, cal_df, val_d
 
 def _train_conv_head(params: Params, src: Path, train_df, sel_df, out, report, card: dict, skipped: list):
     """The fully convolutional head: unpooled maps (one rotation) -> per-level conv density model -> ``conv.pt``."""
-    from defectflow.density.conv import ConvFitConfig, fit_conv_flow, save_conv_flow
+    from defectflow.density.conv import ConvFitConfig, export_onnx as export_conv_onnx, fit_conv_flow, save_conv_flow
 
     tp, cp = params.train, params.train.conv
     t0 = time.perf_counter()
@@ -236,6 +242,7 @@ def _train_conv_head(params: Params, src: Path, train_df, sel_df, out, report, c
     conv_file, _ = out.path(CONV_FILE)
     save_conv_flow(conv_file, res.model, {"features": features, "best_epoch": res.best_epoch,
                                           "history": res.history, "n_train_images": int(len(train_df))})
+    export_conv_onnx(res.model, out.path(CONV_HEAD_FILE)[0], [(tp.image_size // s,) * 2 for s in fx.strides])
     rows = [{"epoch": h["epoch"], "level": lv, "train_nll": h["train_nll"][k],
              "val_nll": None if h["val_nll"] is None else h["val_nll"][k]}
             for h in res.history for k, lv in enumerate(cp.levels)]
@@ -259,11 +266,28 @@ def _train_conv_head(params: Params, src: Path, train_df, sel_df, out, report, c
         "fit_threads": tp.fit_threads,
         "loss": "mean NLL per channel per position, nats, per level (train.conv.levels)",
     }
-    report.wrote += [str(Path(out.final) / n) for n in (CONV_FILE, "conv_loss.csv")]
+    report.wrote += [str(Path(out.final) / n) for n in (CONV_FILE, CONV_HEAD_FILE, "conv_loss.csv")]
     report.notes.append(f"conv head: {len(train_df)} good images, levels {list(cp.levels)} "
                         f"(strides {fx.strides}), best epochs {res.best_epoch} of {cp.epochs}, "
                         f"{card['conv']['model_mb']} MB, {res.seconds:.1f} s fit")
     return train_df, sel_df
+
+
+def _write_fusion(params: Params, good_df: pd.DataFrame, out, report, card: dict) -> None:
+    """``fusion.json``: each head's score mean / std on ``good_df`` (good validation images)."""
+    from defectflow.scoring import load_heads
+
+    heads = load_heads(out.tmp)
+    single = params.model_copy(update={"train": params.train.model_copy(update={"score_from": "image"})})
+    scored = score_with_maps(good_df, out.tmp, single, model=heads, progress=True)[0]
+    source = f"{len(scored)} good validation images (selection and calibration parts; never test images)"
+    stats = fusion_stats({h: scored[HEADS[h]].to_numpy() for h in heads.names}, source)
+    file, final = out.path(FUSION_FILE)
+    file.write_text(json.dumps(stats, indent=2) + "\n")
+    card["fusion"] = stats
+    report.wrote.append(final)
+    report.notes.append("fusion: " + ", ".join(f"{h} head {v['mean']:.4g} +- {v['std']:.3g}"
+                                               for h, v in stats["heads"].items()) + f" on {source}")
 
 
 def _note_skipped(skipped: list, new: list, what: str) -> None:

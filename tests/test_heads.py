@@ -10,7 +10,8 @@ import pytest
 from defectflow import evaluate, threshold, train
 from defectflow.config import ParamsError, params_from_dict
 from defectflow.manifest import SCORES, SYNTH, read_manifest, write_manifest
-from defectflow.scoring import CONV_FILE, MODEL_FILE, ModelError, load_heads, score_items
+from defectflow.scoring import (CONV_FILE, CONV_HEAD_FILE, FUSION_FILE, HEADS, MODEL_FILE, ModelError, load_heads,
+                                score_items, score_with_maps)
 
 TRAIN = {"image_size": 64, "scales": [1.0], "n_coupling_blocks": 2, "hidden": 32, "epochs": 6,
          "batch_size": 16, "lr": 1e-3, "n_transforms": 2, "n_transforms_test": 2, "threads": 1,
@@ -149,6 +150,52 @@ def test_score_from_conv_uses_the_map_score_and_the_same_threshold(both, tmp_pat
     # a threshold fitted on the other head's scores is refused
     with pytest.raises(evaluate.EvaluateError, match="rerun threshold"):
         evaluate.run(params, inp, root / "model", root / "threshold.json", tmp_path / "rep2")
+
+
+def test_fused_score_is_the_mean_of_standardised_head_scores(both, tmp_path):
+    root, inp, _, _, _ = both
+    fusion = json.loads((root / "model" / FUSION_FILE).read_text())
+    card = json.loads((root / "model" / "card.json").read_text())
+    assert set(fusion["heads"]) == {"image", "conv"} and card["fusion"] == fusion
+    assert fusion["heads"]["image"]["n"] == card["n_val_images"] == 6 and "never test" in fusion["source"]
+    params = _params(head="both", score_from="fused")
+    df = read_manifest(inp / "manifest.parquet", SYNTH)
+    got = score_items(df[df.split == "test"], root / "model", params)
+    z = [(got[HEADS[h]] - v["mean"]) / v["std"] for h, v in fusion["heads"].items()]
+    assert np.allclose(got["score"], (z[0] + z[1]) / 2)
+    # the stats come from the good val images: their fused scores are centred on 0
+    assert abs(score_items(df[df.split == "val"], root / "model", params)["score"].mean()) < 1e-6
+    threshold.run(params, inp, root / "model", tmp_path / "t.json", tmp_path / "v.parquet")
+    evaluate.run(params, inp, root / "model", tmp_path / "t.json", tmp_path / "rep")
+    m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert m["score_from"] == "fused" and m["image_auroc"] >= 0.75
+    # a model folder from before fusion: a clear error naming the file to retrain for
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in (root / "model").iterdir():
+        if f.name != FUSION_FILE:
+            (old / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ModelError, match="no fusion.json"):
+        score_items(df[df.split == "test"], old, params)
+
+
+def test_both_heads_share_one_backbone_pass_and_onnx_equals_torch(both):
+    """The conv head's scores from the shared pass (ONNX Runtime) equal a separate torch pass."""
+    root, inp, params, _, _ = both
+    assert (root / "model" / CONV_HEAD_FILE).is_file()
+    df = read_manifest(inp / "manifest.parquet", SYNTH)
+    test = df[df.split == "test"]
+    heads = load_heads(root / "model")
+    assert heads.shares_pass(params)
+    shared, amaps = score_with_maps(test, root / "model", params, model=heads, keep_maps=True)
+    from defectflow.anomaly_maps import anomaly_maps, image_scores
+    conv = heads.conv
+    maps = conv.extractor(params).extract(test["image_path"].tolist())
+    ref = anomaly_maps(conv.nll_maps(maps, backend="torch"), (64, 64), params.maps.sigma)
+    np.testing.assert_allclose(amaps, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(shared["score_conv"], image_scores(ref, params.maps.score), rtol=1e-4)
+    alone = score_items(test, root / "model", _params(head="image"), model=heads.image)
+    np.testing.assert_allclose(shared["score_image"], alone["score_image"], rtol=1e-5)
 
 
 def test_head_image_still_works_without_maps(data, tmp_path):

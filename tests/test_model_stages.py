@@ -16,7 +16,7 @@ from defectflow.features import FeatureExtractor, load_image
 from defectflow.fsutil import ImageReadError
 from defectflow.config import params_from_dict
 from defectflow.manifest import SCORES, SYNTH, VERDICTS, read_manifest, write_manifest
-from defectflow.scoring import load_model, product_verdicts, score_items
+from defectflow.scoring import load_model, product_verdicts, score_items, score_with_maps
 from defectflow.threshold import ThresholdError, fit_threshold
 
 TRAIN = {"image_size": 64, "scales": [1.0, 0.5], "n_coupling_blocks": 2, "hidden": 64, "epochs": 12,
@@ -371,18 +371,23 @@ def test_onnx_head_equals_torch_head(pipeline):
 
 
 def test_export_one_onnx_model_scores_as_the_pipeline(pipeline, tmp_path):
+    """Every output of the exported graph equals the pipeline: fused score, each head's score, the map."""
     root, inp, params = pipeline
-    out = export_model(root / "model", tmp_path / "model.onnx", params.train.n_transforms_test)
+    out = export_model(root / "model", tmp_path / "model.onnx", params)
     df = read_manifest(inp / "manifest.parquet", SYNTH)
     test = df[df.split == "test"]
-    expected = score_items(test, root / "model", params)["score_image"].to_numpy()    # the image head's
+    scored, amaps = score_with_maps(test, root / "model", params, keep_maps=True)
     from defectflow.features import _resize
     imgs = np.stack([_resize(load_image(p), params.train.image_size).transpose(2, 0, 1) for p in test.image_path])
-    got = onnx_scores(out, imgs)
-    # relative 1e-4 of the score's magnitude (floored at 1: scores are NLL per dim and can cross 0)
-    assert np.all(np.abs(got - expected) <= 1e-4 * np.maximum(np.abs(expected), 1.0))
+    # relative 1e-4 of the score's magnitude (floored at 1: scores are NLL per dim or z-scores, they cross 0)
+    for name in ("score", "score_image", "score_conv"):
+        expected = scored[name].to_numpy()
+        got = onnx_scores(out, imgs, output=name)
+        assert np.all(np.abs(got - expected) <= 1e-4 * np.maximum(np.abs(expected), 1.0)), name
+    np.testing.assert_allclose(onnx_scores(out, imgs, output="anomaly_map"), amaps, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
-        direct = FullScorer(load_model(root / "model"), params.train.n_transforms_test)(torch.from_numpy(imgs))
+        direct = FullScorer(load_model(root / "model"), params.train.n_transforms_test)(torch.from_numpy(imgs))[0]
+    expected = scored["score_image"].to_numpy()
     assert np.all(np.abs(direct.numpy() - expected) <= 1e-4 * np.maximum(np.abs(expected), 1.0))
 
 
