@@ -117,10 +117,10 @@ class SynthParams(_Strict):
 
 class ConvHeadParams(_Strict):
     """The fully convolutional density head (``train.head: conv | both``): maps, pixel AUROC, boxes."""
-    levels: tuple[int, ...] = Field((0, 1), min_length=1, max_length=3, description=(
+    levels: tuple[int, ...] = Field((0, 1, 2), min_length=1, max_length=3, description=(
         "backbone feature levels it models (0 = stride 8, 1 = stride 16, 2 = stride 32)"))
     n_blocks: int = Field(4, ge=1, le=32)
-    hidden_ratio: float = Field(1.0, gt=0.0, le=8.0, description="subnet hidden channels / level channels")
+    hidden_ratio: float = Field(0.5, gt=0.0, le=8.0, description="subnet hidden channels / level channels")
     kernels: tuple[int, ...] = Field((3, 1), min_length=1, max_length=8, description="subnet kernels, alternating")
     clamp: float = Field(2.0, gt=0.0, le=10.0)
     epochs: int = Field(8, ge=1, le=10000, description="per level, the epoch with the lowest good-val NLL is kept")
@@ -162,7 +162,8 @@ class TrainParams(_Strict):
     lr: float = Field(5e-4, gt=0.0, le=1.0)
     weight_decay: float = Field(1e-5, ge=0.0, le=1.0)
     n_transforms: int = Field(4, ge=1, le=64, description="train-time rotations per image (DifferNet)")
-    n_transforms_test: int = Field(4, ge=1, le=64)
+    n_transforms_test: int = Field(1, ge=1, le=64, description=(
+        "test-time rotations averaged by the image head (each one more backbone pass per image)"))
     threads: int = Field(2, ge=1, le=256)
     fit_threads: int = Field(1, ge=1, le=256, description=(
         "torch threads for the density fit (measured on the shared 2-core box: 1 thread 5x faster than 2 under load)"))
@@ -208,6 +209,9 @@ class EvaluateParams(_Strict):
 
 class MapsParams(_Strict):
     """Anomaly maps of the conv head: image size maps, their image score, boxes."""
+    levels: Optional[tuple[int, ...]] = Field(None, min_length=1, max_length=3, description=(
+        "conv levels averaged into the shown anomaly map (heat maps, boxes, pixel AUROC); null = every level of "
+        "train.conv.levels. The conv head's image score always uses every level"))
     sigma: float = Field(4.0, ge=0.0, le=64.0, description="Gaussian blur of the maps, pixels at train.image_size")
     score: Literal["max", "topk", "mean"] = Field("max", description="conv head image score from its map")
     top_fraction: float = Field(0.01, gt=0.0, le=1.0, description="score topk: share of the highest pixels averaged")
@@ -241,6 +245,13 @@ class Params(_Strict):
     evaluate: EvaluateParams = EvaluateParams()
     maps: MapsParams = MapsParams()
     nightly: NightlyParams = NightlyParams()
+
+    @model_validator(mode="after")
+    def _map_levels_ok(self):
+        if self.maps.levels is not None and not set(self.maps.levels) <= set(self.train.conv.levels):
+            raise ValueError(f"maps.levels {list(self.maps.levels)} must be a subset of train.conv.levels "
+                             f"{list(self.train.conv.levels)}")
+        return self
 
 
 def _describe(err: ValidationError, path: Path) -> str:

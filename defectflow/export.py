@@ -11,8 +11,8 @@ then every head of the model folder:
 - image head: global average pooling, the density model's NLL per dim averaged over the rotations
   -> ``score_image (N,)``
 - conv head: the unrotated pass's maps -> per-position NLL per channel -> bilinear upsampling to
-  ``S`` -> mean over levels -> Gaussian blur (``maps.sigma``) -> ``anomaly_map (N, S, S)`` and its
-  image score (``maps.score``) -> ``score_conv (N,)``
+  ``S`` -> mean over levels -> Gaussian blur (``maps.sigma``) -> image score (``maps.score``) ->
+  ``score_conv (N,)``; the same over ``maps.levels`` -> ``anomaly_map (N, S, S)``
 
 and ``score (N,)``, the score the threshold in ``threshold.json`` applies to: ``train.score_from``'s
 head, or ``fused`` (each head standardised with ``fusion.json``, averaged). The pipeline itself
@@ -93,6 +93,7 @@ class FullScorer(nn.Module):
         if self.conv is not None:
             mp = params.maps
             self.levels = list(heads.conv.meta["features"]["levels"])
+            self.shown = heads.conv.map_levels(params)
             self.map_score, self.top_fraction = mp.score, mp.top_fraction
             self.pad = gaussian_ksize(mp.sigma) // 2 if mp.sigma > 0 else 0
             if self.pad >= self.size:
@@ -100,8 +101,7 @@ class FullScorer(nn.Module):
             kernel = cv2.getGaussianKernel(2 * self.pad + 1, mp.sigma, cv2.CV_32F).ravel() if self.pad else [1.0]
             self.register_buffer("kernel", torch.tensor(np.asarray(kernel), dtype=torch.float32))
 
-    def _anomaly_map(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        nll = [-ll / c for ll, c in zip(self.conv([maps[i] for i in self.levels]), self.conv.channels)]
+    def _anomaly_map(self, nll: list[torch.Tensor]) -> torch.Tensor:
         up = [F.interpolate(m.unsqueeze(1), size=(self.size, self.size), mode="bilinear", align_corners=False)
               for m in nll]
         a = torch.stack(up).mean(dim=0)                                  # (N, 1, S, S)
@@ -136,8 +136,10 @@ class FullScorer(nn.Module):
         if self.density is not None:
             out[HEADS["image"]] = self.density.score_graph(torch.cat(pooled, dim=1).reshape(n, t, -1))
         if self.conv is not None:
-            amap = self._anomaly_map(conv_maps)
-            out[HEADS["conv"]], out["anomaly_map"] = self._map_score(amap), amap
+            nll = [-ll / c for ll, c in zip(self.conv([conv_maps[i] for i in self.levels]), self.conv.channels)]
+            every = self._anomaly_map(nll)
+            out[HEADS["conv"]] = self._map_score(every)
+            out["anomaly_map"] = every if self.shown is None else self._anomaly_map([nll[i] for i in self.shown])
         if self.fusion is not None:
             z = [(out[HEADS[h]] - v["mean"]) / v["std"] for h, v in self.fusion["heads"].items()]
             score = torch.stack(z).mean(dim=0)

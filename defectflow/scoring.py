@@ -255,15 +255,31 @@ class ConvHead:
         feeds = {f"map{i}": np.ascontiguousarray(m, np.float32) for i, m in enumerate(feature_maps)}
         return [-ll / c for ll, c in zip(sess.run(None, feeds), self.model.channels)]
 
+    def map_levels(self, params: Params) -> Optional[list[int]]:
+        """Positions (in the head's levels) of ``maps.levels``, the levels of the shown map; None = all."""
+        have = list((self.meta.get("features") or {}).get("levels") or [])
+        want = params.maps.levels
+        if want is None or list(want) == have:
+            return None
+        if not set(want) <= set(have):
+            raise ModelError(f"{self.path}: maps.levels {list(want)} are not all among the conv head's levels "
+                             f"{have}: change maps.levels or retrain")
+        return [have.index(lv) for lv in want]
+
     def summarise(self, feature_maps: Sequence[np.ndarray], params: Params, keep: bool = True,
                   map_threshold: float | None = None) -> tuple[np.ndarray | None, dict]:
-        """Anomaly maps at ``train.image_size`` (if ``keep``) and the per-image columns ``score_conv``,
-        ``map_mean`` and, given a map threshold, ``map_area`` and ``n_boxes``."""
+        """Anomaly maps at ``train.image_size`` of ``maps.levels`` (if ``keep``) and the per-image columns
+        ``score_conv`` (from every level's map), ``map_mean`` and, given a map threshold, ``map_area``
+        and ``n_boxes``."""
         from defectflow.anomaly_maps import anomaly_maps, boxes_from_map, image_scores
 
         mp, fx = params.maps, self.extractor(params)
-        amaps = anomaly_maps(self.nll_maps(feature_maps, params.train.threads), (fx.image_size,) * 2, mp.sigma)
-        cols = {"score_conv": image_scores(amaps, mp.score, mp.top_fraction),
+        size = (fx.image_size,) * 2
+        nll = self.nll_maps(feature_maps, params.train.threads)
+        every = anomaly_maps(nll, size, mp.sigma)
+        shown = self.map_levels(params)
+        amaps = every if shown is None else anomaly_maps([nll[i] for i in shown], size, mp.sigma)
+        cols = {"score_conv": image_scores(every, mp.score, mp.top_fraction),
                 "map_mean": amaps.reshape(len(amaps), -1).mean(axis=1).astype(np.float64)}
         if map_threshold is not None:
             cols["map_area"] = (amaps >= map_threshold).reshape(len(amaps), -1).mean(axis=1)

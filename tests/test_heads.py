@@ -15,7 +15,7 @@ from defectflow.scoring import (CONV_FILE, CONV_HEAD_FILE, FUSION_FILE, HEADS, M
 
 TRAIN = {"image_size": 64, "scales": [1.0], "n_coupling_blocks": 2, "hidden": 32, "epochs": 6,
          "batch_size": 16, "lr": 1e-3, "n_transforms": 2, "n_transforms_test": 2, "threads": 1,
-         "conv": {"n_blocks": 2, "epochs": 4, "batch_size": 8}}
+         "conv": {"levels": [0, 1], "hidden_ratio": 1.0, "n_blocks": 2, "epochs": 4, "batch_size": 8}}
 
 
 def _params(**train_kw):
@@ -196,6 +196,32 @@ def test_both_heads_share_one_backbone_pass_and_onnx_equals_torch(both):
     np.testing.assert_allclose(shared["score_conv"], image_scores(ref, params.maps.score), rtol=1e-4)
     alone = score_items(test, root / "model", _params(head="image"), model=heads.image)
     np.testing.assert_allclose(shared["score_image"], alone["score_image"], rtol=1e-5)
+
+
+def test_map_levels_choose_the_shown_map_and_keep_the_conv_score(both):
+    """maps.levels: the shown map (heat maps, boxes, pixel AUROC) from some levels; score_conv from all."""
+    root, inp, params, _, _ = both
+    df = read_manifest(inp / "manifest.parquet", SYNTH)
+    test = df[df.split == "test"]
+    fine = params.model_copy(update={"maps": params.maps.model_copy(update={"levels": (0,)})})
+    a, amaps_all = score_with_maps(test, root / "model", params, keep_maps=True)
+    b, amaps_fine = score_with_maps(test, root / "model", fine, keep_maps=True)
+    np.testing.assert_allclose(a["score_conv"], b["score_conv"], rtol=1e-6)
+    assert not np.allclose(amaps_all, amaps_fine)
+    from defectflow.anomaly_maps import anomaly_maps
+    heads = load_heads(root / "model")
+    nll = heads.conv.nll_maps(heads.conv.extractor(params).extract(test["image_path"].tolist()))
+    np.testing.assert_allclose(amaps_fine, anomaly_maps(nll[:1], (64, 64), params.maps.sigma), rtol=1e-4, atol=1e-4)
+    from defectflow.export import export_model, onnx_scores
+    from defectflow.features import _resize, load_image
+    out = export_model(root / "model", root / "fine.onnx", fine)
+    imgs = np.stack([_resize(load_image(p), 64).transpose(2, 0, 1) for p in test.image_path])
+    np.testing.assert_allclose(onnx_scores(out, imgs, output="anomaly_map"), amaps_fine, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ParamsError, match="subset of train.conv.levels"):
+        params_from_dict({"train": {"conv": {"levels": [0, 1]}}, "maps": {"levels": [2]}})
+    two = params_from_dict({"train": {**TRAIN, "conv": {"levels": [0, 2]}}, "maps": {"levels": [2]}})
+    with pytest.raises(ModelError, match="maps.levels"):
+        score_items(test, root / "model", two)
 
 
 def test_head_image_still_works_without_maps(data, tmp_path):
