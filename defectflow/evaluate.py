@@ -209,6 +209,10 @@ def run(params: Params, inp: Path, model_dir: Path, threshold_path: Path, out_di
         metrics = image_metrics(scored["score"], scored["label"], scored["defect_type"], threshold,
                                 params.evaluate.bootstrap, params.seed, thr_info.get("bands"))
         metrics["score_from"] = scored_by
+        if scored_by == "fused":
+            metrics["notes"].append("score = mean of the image and conv heads' scores, each counted in standard "
+                                    "deviations from the good validation images (models/model/fusion.json): "
+                                    "about 0 for a typical good product")
         metrics["heads"] = {h: {"image_auroc": _auroc_of(scored[col], scored["label"])}
                             for h, col in HEADS.items() if col in scored.columns}
         metrics["pixel_auroc"] = None

@@ -230,7 +230,16 @@ class ConvHead:
     _fx: object = None
     _session: object = None
 
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["features"]["image_size"])
+
+    @property
+    def levels(self) -> list[int]:
+        return list(self.meta["features"]["levels"])
+
     def extractor(self, params: Params):
+        """Its own ONNX Runtime backbone session (not needed when it shares the image head's pass)."""
         if self._fx is None:
             f = self.meta.get("features") or {}
             fx = map_extractor(f, params)
@@ -257,7 +266,7 @@ class ConvHead:
 
     def map_levels(self, params: Params) -> Optional[list[int]]:
         """Positions (in the head's levels) of ``maps.levels``, the levels of the shown map; None = all."""
-        have = list((self.meta.get("features") or {}).get("levels") or [])
+        have = self.levels
         want = params.maps.levels
         if want is None or list(want) == have:
             return None
@@ -273,8 +282,8 @@ class ConvHead:
         and ``n_boxes``."""
         from defectflow.anomaly_maps import anomaly_maps, boxes_from_map, image_scores
 
-        mp, fx = params.maps, self.extractor(params)
-        size = (fx.image_size,) * 2
+        mp = params.maps
+        size = (self.image_size,) * 2
         nll = self.nll_maps(feature_maps, params.train.threads)
         every = anomaly_maps(nll, size, mp.sigma)
         shown = self.map_levels(params)
@@ -369,10 +378,15 @@ class Heads:
             pooled = []
             for net, x, scale in zip(fx.nets, inputs, fx.scales):
                 if shared and scale == 1.0 and conv_maps is None:
-                    levels = self.conv.extractor(params).levels
-                    outs = net.outputs(x, [net.map_names[lv] for lv in levels] + ["pooled"], fx.batch_size)
-                    conv_maps = [m[::t_count] for m in outs[:-1]]         # rows i * T: the unrotated image
-                    pooled.append(outs[-1])
+                    # rows i * T are the unrotated images: their pass also hands its maps to the conv head
+                    names = [net.map_names[lv] for lv in self.conv.levels] + ["pooled"]
+                    outs = net.outputs(x[::t_count], names, fx.batch_size)
+                    conv_maps = outs[:-1]
+                    p = np.empty((len(x), outs[-1].shape[1]), np.float32)
+                    p[::t_count] = outs[-1]
+                    for t in range(1, t_count):          # strided views: no copy of the whole input
+                        p[t::t_count] = net.outputs(x[t::t_count], ["pooled"], fx.batch_size)[0]
+                    pooled.append(p)
                 else:
                     pooled.append(net.outputs(x, ["pooled"], fx.batch_size)[0])
             feats = np.concatenate(pooled, axis=1).reshape(len(images), t_count, fx.dim)
@@ -442,7 +456,7 @@ def score_with_maps(df: pd.DataFrame, model_dir: Path | str, params: Params, *, 
         out["score"] = out[HEADS["image"]]
         amaps = None
     else:
-        size = heads.conv.extractor(params).image_size
+        size = heads.conv.image_size
         batches = iter_decoded(paths, size, threads=tp.threads, batch_size=chunk, on_bad_image=tp.on_bad_image)
         if progress:
             from tqdm import tqdm

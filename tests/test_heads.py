@@ -169,6 +169,7 @@ def test_fused_score_is_the_mean_of_standardised_head_scores(both, tmp_path):
     evaluate.run(params, inp, root / "model", tmp_path / "t.json", tmp_path / "rep")
     m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert m["score_from"] == "fused" and m["image_auroc"] >= 0.75
+    assert any("fusion.json" in n for n in m["notes"])
     # a model folder from before fusion: a clear error naming the file to retrain for
     old = tmp_path / "old"
     old.mkdir()
