@@ -77,11 +77,9 @@ class MapExtractor:
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         """Maps of a prepared batch, in network batches: ``[(N, C_i, h_i, w_i)]``."""
-        step = self.batch_size
-        parts = [self.net.run(x[i:i + step]) for i in range(0, len(x), step)]
-        if not parts:
+        if not len(x):
             raise AnomalyMapError("no images")
-        return [np.concatenate([p[i] for p in parts]) for i in self.levels]
+        return self.net.outputs(x, [self.net.map_names[i] for i in self.levels], self.batch_size)
 
     def maps(self, images: Sequence[np.ndarray], n_transforms: int = 1) -> list[np.ndarray]:
         """Maps of in-memory float RGB images; row ``i * T + t`` = image i under rotation t."""

@@ -34,7 +34,7 @@ from defectflow.anomaly_maps import gaussian_ksize
 from defectflow.backbones import build_backbone, get_backbone
 from defectflow.config import Params
 from defectflow.errors import DefectflowError
-from defectflow.features import ONNX_OPSET, rotation_angles, scale_sizes
+from defectflow.features import ONNX_OPSET, ort_session, rotation_angles, scale_sizes
 from defectflow.fsutil import atomic_path
 from defectflow.scoring import HEADS, Heads, LoadedModel, load_heads
 from defectflow.stage import logger
@@ -165,10 +165,4 @@ def export_model(model_dir: Path | str, out: Path | str, params: Params) -> Path
 
 def onnx_scores(path: Path | str, images: np.ndarray, threads: int = 2, output: str = "score") -> np.ndarray:
     """Run an exported model on ``(N, 3, S, S)`` images: its ``output`` (default the score ``(N,)``)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads)
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return sess.run([output], {"image": np.ascontiguousarray(images, dtype=np.float32)})[0]
+    return ort_session(path, threads).run([output], {"image": np.ascontiguousarray(images, dtype=np.float32)})[0]

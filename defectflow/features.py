@@ -221,14 +221,23 @@ def export_onnx(name: str, image_size: int, path: Path, *, pretrained: bool = Tr
     return path
 
 
+def ort_session(path: str | os.PathLike, threads: int = 2):
+    """A CPU ONNX Runtime session with ``threads`` intra-op threads (one inter-op), warnings silenced."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 class OnnxBackbone:
     """An ONNX Runtime session of one backbone at one input size: ``run(x) -> list of maps``."""
 
     def __init__(self, name: str, image_size: int, *, pretrained: bool = True,
                  weights: str | os.PathLike | None = None, threads: int = 2,
                  cache: str | os.PathLike | None = None):
-        import onnxruntime as ort
-
         self.name, self.image_size = name, int(image_size)
         wpath = resolve_weights(name, weights, pretrained)
         self.weights_id = weights_id(wpath)
@@ -236,14 +245,8 @@ class OnnxBackbone:
         if not self.path.is_file():
             log.info("exporting %s (%d px) to %s", name, self.image_size, self.path)
             export_onnx(name, self.image_size, self.path, pretrained=pretrained, weights=wpath)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+            self.session = ort_session(self.path, threads)
         except Exception as err:  # a truncated / foreign cache file
             raise FeatureError(f"{self.path}: cached ONNX backbone is unreadable ({err}); delete it to re-export") from None
 
@@ -375,9 +378,7 @@ class FeatureExtractor:
 
     def features_of_inputs(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         """Pooled features ``(M, dim)`` of prepared inputs (one ``(M, 3, s, s)`` array per scale)."""
-        step = self.batch_size          # network batch: bounds ONNX Runtime's activation memory
-        pooled = [np.concatenate([net.pooled(x[i:i + step]) for i in range(0, len(x), step)])
-                  for net, x in zip(self.nets, inputs)]
+        pooled = [net.outputs(x, ["pooled"], self.batch_size)[0] for net, x in zip(self.nets, inputs)]
         return np.concatenate(pooled, axis=1).astype(np.float32, copy=False)
 
     def extract(self, paths: Iterable[str | os.PathLike], n_transforms: int = 1,

@@ -41,7 +41,7 @@ import torch
 from defectflow.config import Params
 from defectflow.density import DensityConfig, DensityModel
 from defectflow.errors import DefectflowError
-from defectflow.features import FeatureExtractor, iter_decoded, prepare
+from defectflow.features import FeatureExtractor, iter_decoded, ort_session, prepare
 from defectflow.manifest import VERDICTS
 
 MODEL_FILE = "model.pt"
@@ -208,14 +208,8 @@ def extract_maps(fx, paths, on_bad_image: str = "error", chunk: int = 64, progre
 
 
 def _ort_session(file: Path, threads: int, what: str):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads)
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(file), opts, providers=["CPUExecutionProvider"])
+        return ort_session(file, threads)
     except Exception as err:
         raise ModelError(f"{file}: unreadable ONNX {what} ({err}); retrain or delete it") from None
 
