@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +22,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.auroc import _rate as _best_rate  # noqa: E402
 
-def _rate(n: int, fn, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return round(n / best, 1)
+
+def _rate(n: int, fn) -> float:
+    return round(_best_rate(n, fn, 3), 1)
 
 
 def main() -> None:
