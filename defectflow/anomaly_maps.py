@@ -5,7 +5,7 @@ Pipeline (seed 003, stages 6-7)::
     fx = MapExtractor("efficientnet_lite0", image_size=224, levels=(0, 1))
     maps = fx.extract(paths)                                 # [(N, C_i, h_i, w_i)] unpooled backbone maps
     nll = model.nll_per_dim_maps(maps)                       # per level, nats per channel, (N, h_i, w_i)
-    amap = anomaly_maps(nll, (224, 224), sigma=4.0)          # upsample, mean over levels, blur: (N, 224, 224)
+    amap = anomaly_maps(nll, (224, 224), sigma=4.0)          # resample, mean over levels, blur, upsample
     score = image_scores(amap, "max")                        # image score from the map
     thr = good_pixel_threshold(val_amap, fpr=0.001)          # from good validation maps only
     boxes = boxes_from_map(amap[0], thr, min_area=0.001, image_size=(w, h))
@@ -71,9 +71,9 @@ class MapExtractor:
                 "channels": self.channels, "strides": self.strides}
 
     def prepare(self, images: Sequence[np.ndarray], n_transforms: int = 1) -> np.ndarray:
-        """Normalised network input ``(N * T, 3, s, s)`` of float RGB images in [0, 1]."""
+        """Network input ``(N * T, s, s, 3)`` of float RGB images in [0, 1] (:func:`defectflow.features.prepare`)."""
         from defectflow.features import prepare
-        return prepare(images, n_transforms, self.image_size, (1.0,), self.spec.mean, self.spec.std)[0]
+        return prepare(images, n_transforms, self.image_size, (1.0,))[0]
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         """Maps of a prepared batch, in network batches: ``[(N, C_i, h_i, w_i)]``."""
@@ -121,33 +121,60 @@ def gaussian_ksize(sigma: float) -> int:
     return 2 * int(np.ceil(4.0 * sigma)) + 1
 
 
-def anomaly_maps(level_maps: Sequence, size: tuple[int, int], sigma: float = 4.0,
-                 level_norm: Optional[Sequence[tuple[float, float]]] = None) -> np.ndarray:
-    """Per-level maps ``[(N, h_i, w_i)]`` (higher = more anomalous) -> ``(N, H, W)`` float32.
+def map_grid(level_shapes: Sequence[tuple[int, int]], size: tuple[int, int]) -> tuple[int, int]:
+    """The grid levels are combined and blurred on: three samples per cell of the finest level, one
+    on its centre (an odd factor keeps a one-cell peak), at most ``size``. 84 x 84 for 224 px and a
+    stride-8 finest level: 7x fewer pixels to blur, within 2% of blurring at image size."""
+    return (min(int(size[0]), 3 * max(s[0] for s in level_shapes)),
+            min(int(size[1]), 3 * max(s[1] for s in level_shapes)))
 
-    Each level is bilinearly upsampled to ``size = (H, W)`` (half-pixel centres), optionally
-    standardised with ``level_norm[i] = (mean, std)`` (from good *validation* maps, see
-    :func:`level_stats`), averaged over levels, then Gaussian-blurred (``sigma`` px, 0 = off).
-    """
+
+def combine_levels(level_maps: Sequence, size: tuple[int, int], sigma: float = 4.0,
+                   level_norm: Optional[Sequence[tuple[float, float]]] = None) -> np.ndarray:
+    """Per-level maps ``[(N, h_i, w_i)]`` -> ``(N, gh, gw)`` float32 on :func:`map_grid`: each level
+    bilinearly resampled to the grid (half-pixel centres), optionally standardised with
+    ``level_norm[i] = (mean, std)`` (from good *validation* maps, see :func:`level_stats`),
+    averaged over levels, then Gaussian-blurred (``sigma`` px at image size ``size``, scaled to the
+    grid; 0 = off). Image scores come from this map; :func:`anomaly_maps` upsamples it."""
     if not len(level_maps):
         raise AnomalyMapError("no level maps")
     arrs = [np.asarray(m.detach().cpu().numpy() if hasattr(m, "detach") else m, np.float32) for m in level_maps]
     n = arrs[0].shape[0]
     if any(a.ndim != 3 or a.shape[0] != n for a in arrs):
         raise AnomalyMapError(f"level maps must be (N, h, w) with the same N, got {[a.shape for a in arrs]}")
-    h, w = int(size[0]), int(size[1])
+    h, w = map_grid([a.shape[1:] for a in arrs], size)
     out = np.zeros((n, h, w), np.float32)
     for k, a in enumerate(arrs):
         mu, sd = level_norm[k] if level_norm is not None else (0.0, 1.0)
         for i in range(n):
-            out[i] += (cv2.resize(a[i], (w, h), interpolation=cv2.INTER_LINEAR) - mu) / sd
+            up = a[i] if a.shape[1:] == (h, w) else cv2.resize(a[i], (w, h), interpolation=cv2.INTER_LINEAR)
+            out[i] += (up - mu) / sd
     out /= len(arrs)
     if sigma > 0:
-        k = gaussian_ksize(sigma)
+        sy, sx = sigma * h / size[0], sigma * w / size[1]
+        ksize = (gaussian_ksize(sx), gaussian_ksize(sy))
         for i in range(n):
-            out[i] = cv2.GaussianBlur(out[i], (k, k), sigmaX=sigma, sigmaY=sigma,
-                                      borderType=cv2.BORDER_REFLECT_101)
+            out[i] = cv2.GaussianBlur(out[i], ksize, sigmaX=sx, sigmaY=sy, borderType=cv2.BORDER_REFLECT_101)
     return out
+
+
+def to_image_size(grid_maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(N, gh, gw)`` grid maps -> ``(N, H, W)``, bilinear (half-pixel centres)."""
+    h, w = int(size[0]), int(size[1])
+    if grid_maps.shape[1:] == (h, w):
+        return grid_maps
+    out = np.empty((len(grid_maps), h, w), np.float32)
+    for i, m in enumerate(grid_maps):
+        out[i] = cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)
+    return out
+
+
+def anomaly_maps(level_maps: Sequence, size: tuple[int, int], sigma: float = 4.0,
+                 level_norm: Optional[Sequence[tuple[float, float]]] = None) -> np.ndarray:
+    """Per-level maps ``[(N, h_i, w_i)]`` (higher = more anomalous) -> ``(N, H, W)`` float32 at
+    ``size``: :func:`combine_levels` on the grid, then upsampled (bilinear: never above the grid's
+    values). Image scores are taken on the grid."""
+    return to_image_size(combine_levels(level_maps, size, sigma, level_norm), size)
 
 
 def level_stats(level_maps: Sequence) -> list[tuple[float, float]]:

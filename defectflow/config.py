@@ -121,9 +121,11 @@ class ConvHeadParams(_Strict):
         "backbone feature levels it models (0 = stride 8, 1 = stride 16, 2 = stride 32)"))
     n_blocks: int = Field(4, ge=1, le=32)
     hidden_ratio: float = Field(0.5, gt=0.0, le=8.0, description="subnet hidden channels / level channels")
-    kernels: tuple[int, ...] = Field((3, 1), min_length=1, max_length=8, description="subnet kernels, alternating")
+    kernels: tuple[int, ...] = Field((1,), min_length=1, max_length=8, description="subnet kernels, alternating")
+    subnet: Literal["dense", "separable"] = Field("dense", description=(
+        "dense: k x k convs; separable: 1 x 1 -> depthwise k x k -> 1 x 1 (k x k context, about 1 x 1 cost)"))
     clamp: float = Field(2.0, gt=0.0, le=10.0)
-    epochs: int = Field(8, ge=1, le=10000, description="per level, the epoch with the lowest good-val NLL is kept")
+    epochs: int = Field(16, ge=1, le=10000, description="per level, the epoch with the lowest good-val NLL is kept")
     batch_size: int = Field(16, ge=1, le=4096, description="images per step (each gives h * w positions)")
     lr: float = Field(2e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(1e-5, ge=0.0, le=1.0)
@@ -205,6 +207,9 @@ class EvaluateParams(_Strict):
     video: bool = True
     max_report_images: int = Field(24, ge=0, le=1000)
     bootstrap: int = Field(1000, ge=0, le=100000, description="bootstrap resamples for the image AUROC 95% CI (0 = off)")
+    gradient_maps: bool = Field(False, description=(
+        "image head gradient maps (DifferNet): |d score / d pixel| of the flagged products the report shows, "
+        "beside the conv head's heat map (or alone without one); torch, about 0.1 s per image"))
 
 
 class MapsParams(_Strict):

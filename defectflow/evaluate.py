@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from defectflow.config import Params
 from defectflow.errors import DefectflowError
 from defectflow.manifest import SCORES, SYNTH, VERDICTS, read_manifest, write_manifest
 from defectflow.report import hist_plot, roc_plot, write_report
-from defectflow.scoring import HEADS, product_verdicts, score_with_maps, select_rows
+from defectflow.scoring import HEADS, MODEL_FILE, product_verdicts, score_with_maps, select_rows
 from defectflow.stage import StageReport, logger, manifest_path, stage_run
 
 log = logger("evaluate")
@@ -245,8 +246,13 @@ def run(params: Params, inp: Path, model_dir: Path, threshold_path: Path, out_di
                      "boxes.parquet", "roc.png", "scores_hist.png", "report.html"):
             files[name] = out.path(name)[0]
         boxes.astype(BOX_COLUMNS).to_parquet(files["boxes.parquet"], index=False)
-        overlays = (report_overlays(scored, verdicts, amaps, boxes, conv_info, params.evaluate.max_report_images)
-                    if amaps is not None else {})
+        gradient = params.evaluate.gradient_maps and (Path(model_dir) / MODEL_FILE).is_file()
+        if params.evaluate.gradient_maps and not gradient:
+            metrics["notes"].append("no gradient maps: they need the image head (train.head: image or both)")
+        overlays, overlay_title = {}, ""
+        if amaps is not None or gradient:
+            overlays, overlay_title = report_overlays(scored, verdicts, amaps, boxes, conv_info, params,
+                                                      model_dir if gradient else None)
         del amaps
         files["metrics.json"].write_text(json.dumps(metrics, indent=2) + "\n")
         roc.to_csv(files["roc.csv"], index=False)
@@ -275,7 +281,7 @@ def run(params: Params, inp: Path, model_dir: Path, threshold_path: Path, out_di
             notes.append(f"threshold calibration: {thr_info['calibration']}")
         write_report(files["report.html"], metrics, verdicts, scored, threshold, str(thr_info.get("method_used")),
                      roc_png, hist_png, max_images=params.evaluate.max_report_images, notes=notes,
-                     overlays=overlays)
+                     overlays=overlays, overlay_title=overlay_title)
         report.read += [str(src), str(model_dir), str(threshold_path)]
         report.wrote += [str(Path(out_dir) / n) for n in files]
         report.wrote += [str(Path(out_dir) / "videos" / v.name) for v in videos]
@@ -351,30 +357,46 @@ def flagged_boxes(scored: pd.DataFrame, amaps: np.ndarray, map_thr: float, param
     return pd.DataFrame(rows)[list(BOX_COLUMNS)]
 
 
-def report_overlays(scored: pd.DataFrame, verdicts: pd.DataFrame, amaps: np.ndarray, boxes: pd.DataFrame,
-                    conv_info: dict, max_images: int) -> dict:
-    """product_id -> base64 JPEG thumbnail: heat map + boxes over the product's highest-scoring image,
-    for the flagged products the report shows (same colour range for all: ``vmin``/``vmax`` of the
-    threshold stage)."""
+def report_overlays(scored: pd.DataFrame, verdicts: pd.DataFrame, amaps: np.ndarray | None, boxes: pd.DataFrame,
+                    conv_info: dict | None, params: Params, gradient_model: Path | None = None) -> tuple[dict, str]:
+    """(product_id -> base64 JPEG thumbnail, column title) for the flagged products the report shows,
+    over each product's highest-scoring image: the conv head's heat map + boxes (same colour range for
+    all: ``vmin``/``vmax`` of the threshold stage) and/or, given the model folder, the image head's
+    gradient map (:mod:`defectflow.gradient_maps`; colours per image), side by side."""
     from defectflow.anomaly_maps import Box, draw_boxes, load_rgb, overlay
     from defectflow.fsutil import ImageReadError
     from defectflow.report import encode_thumb
 
-    out = {}
-    flagged = verdicts[verdicts["verdict"] == "defect"].sort_values("max_score", ascending=False).head(max_images)
+    flagged = verdicts[verdicts["verdict"] == "defect"].sort_values("max_score", ascending=False)
     pos = {item: i for i, item in enumerate(scored["item_id"])}
-    for pid in flagged["product_id"]:
+    shown = []
+    for pid in flagged["product_id"].head(params.evaluate.max_report_images):
         rows = scored[scored["product_id"] == pid]
         if rows.empty:
             continue
         rec = rows.loc[rows["score"].idxmax()]
         try:
-            img = load_rgb(rec["image_path"])
+            shown.append((pid, rec, load_rgb(rec["image_path"])))
         except ImageReadError:
             continue
-        mine = boxes[boxes["item_id"] == rec["item_id"]]
-        bx = [Box(*(int(r[k]) for k in ("x0", "y0", "x1", "y1")), float(r["confidence"]), float(r["score_max"]),
-                  float(r["score_mean"]), int(r["area"])) for _, r in mine.iterrows()]
-        tile = draw_boxes(overlay(img, amaps[pos[rec["item_id"]]], conv_info["vmin"], conv_info["vmax"]), bx)
-        out[str(pid)] = encode_thumb(tile)
-    return out
+    grads = None
+    if gradient_model is not None and shown:
+        from defectflow.gradient_maps import gradient_maps
+        from defectflow.scoring import load_model
+        t0 = time.perf_counter()
+        grads = gradient_maps(load_model(gradient_model), [img for _, _, img in shown], params)
+        log.info("gradient maps of %d images in %.1f s", len(shown), time.perf_counter() - t0)
+    out = {}
+    for k, (pid, rec, img) in enumerate(shown):
+        tiles = []
+        if amaps is not None:
+            mine = boxes[boxes["item_id"] == rec["item_id"]]
+            bx = [Box(*(int(r[c]) for c in ("x0", "y0", "x1", "y1")), float(r["confidence"]), float(r["score_max"]),
+                      float(r["score_mean"]), int(r["area"])) for _, r in mine.iterrows()]
+            tiles.append(draw_boxes(overlay(img, amaps[pos[rec["item_id"]]], conv_info["vmin"], conv_info["vmax"]), bx))
+        if grads is not None:
+            g = grads[k]
+            tiles.append(overlay(img, g, float(np.quantile(g, 0.5)), float(g.max())))
+        out[str(pid)] = encode_thumb(np.hstack(tiles))
+    title = " | ".join(t for t, on in (("heat map + boxes", amaps is not None), ("gradient map", grads is not None)) if on)
+    return out, title

@@ -2,7 +2,7 @@
 
     defectflow export [--model models/model] [--out models/model.onnx]
 
-Input ``image``: float32 ``(N, 3, S, S)``, RGB in [0, 1], already resized to ``train.image_size``
+Input ``image``: float32 ``(N, S, S, 3)``, RGB in [0, 1] (channels last, as decoders give it), already resized to ``train.image_size``
 (``S``), as :func:`defectflow.features.load_image` + resize give it. Inside the graph: ImageNet
 normalisation, the ``n_transforms_test`` rotations (multiples of 90 degrees: 1, 2 or 4 transforms),
 each image scale (area downscale by an integer factor), one backbone pass per rotation and scale,
@@ -10,9 +10,10 @@ then every head of the model folder:
 
 - image head: global average pooling, the density model's NLL per dim averaged over the rotations
   -> ``score_image (N,)``
-- conv head: the unrotated pass's maps -> per-position NLL per channel -> bilinear upsampling to
-  ``S`` -> mean over levels -> Gaussian blur (``maps.sigma``) -> image score (``maps.score``) ->
-  ``score_conv (N,)``; the same over ``maps.levels`` -> ``anomaly_map (N, S, S)``
+- conv head: the unrotated pass's maps -> per-position NLL per channel -> bilinear resampling to
+  the map grid (three samples per finest-level cell) -> mean over levels -> Gaussian blur
+  (``maps.sigma``, scaled to the grid) -> image score (``maps.score``) -> ``score_conv (N,)``; the
+  same over ``maps.levels``, upsampled to ``S`` -> ``anomaly_map (N, S, S)``
 
 and ``score (N,)``, the score the threshold in ``threshold.json`` applies to: ``train.score_from``'s
 head, or ``fused`` (each head standardised with ``fusion.json``, averaged). The pipeline itself
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from defectflow.anomaly_maps import gaussian_ksize
+from defectflow.anomaly_maps import gaussian_ksize, map_grid
 from defectflow.backbones import build_backbone, get_backbone
 from defectflow.config import Params
 from defectflow.errors import DefectflowError
@@ -58,7 +59,7 @@ def _rot90(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class FullScorer(nn.Module):
-    """``image (N, 3, S, S) in [0, 1] -> (score, score_image?, score_conv?, anomaly_map?)`` in torch
+    """``image (N, S, S, 3) in [0, 1] -> (score, score_image?, score_conv?, anomaly_map?)`` in torch
     (the graph that is exported). ``model``: a :class:`Heads`, or a :class:`LoadedModel` (image head)."""
 
     def __init__(self, model: Heads | LoadedModel, n_transforms: int, params: Params | None = None):
@@ -94,22 +95,29 @@ class FullScorer(nn.Module):
             mp = params.maps
             self.levels = list(heads.conv.meta["features"]["levels"])
             self.shown = heads.conv.map_levels(params)
-            self.map_score, self.top_fraction = mp.score, mp.top_fraction
-            self.pad = gaussian_ksize(mp.sigma) // 2 if mp.sigma > 0 else 0
-            if self.pad >= self.size:
-                raise ExportError(f"maps.sigma {mp.sigma}: the blur is wider than the {self.size} px map")
-            kernel = cv2.getGaussianKernel(2 * self.pad + 1, mp.sigma, cv2.CV_32F).ravel() if self.pad else [1.0]
-            self.register_buffer("kernel", torch.tensor(np.asarray(kernel), dtype=torch.float32))
+            self.map_score, self.top_fraction, self.sigma = mp.score, mp.top_fraction, float(mp.sigma)
 
-    def _anomaly_map(self, nll: list[torch.Tensor]) -> torch.Tensor:
-        up = [F.interpolate(m.unsqueeze(1), size=(self.size, self.size), mode="bilinear", align_corners=False)
-              for m in nll]
-        a = torch.stack(up).mean(dim=0)                                  # (N, 1, S, S)
-        if self.pad:
-            k = self.kernel.numel()
-            a = F.pad(a, (self.pad,) * 4, mode="reflect")               # = cv2.BORDER_REFLECT_101
-            a = F.conv2d(F.conv2d(a, self.kernel.view(1, 1, 1, k)), self.kernel.view(1, 1, k, 1))
+    def _combine_levels(self, nll: list[torch.Tensor]) -> torch.Tensor:
+        """:func:`defectflow.anomaly_maps.combine_levels`: ``(N, gh, gw)`` on the map grid (static shapes)."""
+        gh, gw = map_grid([tuple(int(d) for d in m.shape[1:]) for m in nll], (self.size, self.size))
+        up = [m.unsqueeze(1) if tuple(m.shape[1:]) == (gh, gw)
+              else F.interpolate(m.unsqueeze(1), size=(gh, gw), mode="bilinear", align_corners=False) for m in nll]
+        a = torch.stack(up).mean(dim=0)                                  # (N, 1, gh, gw)
+        if self.sigma > 0:
+            sy, sx = self.sigma * gh / self.size, self.sigma * gw / self.size
+            ky, kx = gaussian_ksize(sy), gaussian_ksize(sx)
+            if ky // 2 >= gh or kx // 2 >= gw:
+                raise ExportError(f"maps.sigma {self.sigma}: the blur is wider than the {gh} x {gw} map grid")
+            col = torch.from_numpy(cv2.getGaussianKernel(ky, sy, cv2.CV_32F).ravel().copy())
+            row = torch.from_numpy(cv2.getGaussianKernel(kx, sx, cv2.CV_32F).ravel().copy())
+            a = F.pad(a, (kx // 2, kx // 2, ky // 2, ky // 2), mode="reflect")   # = cv2.BORDER_REFLECT_101
+            a = F.conv2d(F.conv2d(a, row.view(1, 1, 1, kx)), col.view(1, 1, ky, 1))
         return a[:, 0]
+
+    def _to_image_size(self, grid: torch.Tensor) -> torch.Tensor:
+        if tuple(grid.shape[1:]) == (self.size, self.size):
+            return grid
+        return F.interpolate(grid.unsqueeze(1), size=(self.size, self.size), mode="bilinear", align_corners=False)[:, 0]
 
     def _map_score(self, amap: torch.Tensor) -> torch.Tensor:
         flat = amap.flatten(1)
@@ -121,7 +129,7 @@ class FullScorer(nn.Module):
         return flat.topk(k, dim=1).values.mean(dim=1)
 
     def forward(self, image: torch.Tensor):
-        x = (image - self.mean) / self.std
+        x = (image.permute(0, 3, 1, 2) - self.mean) / self.std
         n, t = x.shape[0], len(self.quarters)
         rots = torch.stack([_rot90(x, k) for k in self.quarters], dim=1)   # (N, T, 3, S, S)
         flat = rots.reshape(n * t, 3, self.size, self.size)
@@ -137,9 +145,10 @@ class FullScorer(nn.Module):
             out[HEADS["image"]] = self.density.score_graph(torch.cat(pooled, dim=1).reshape(n, t, -1))
         if self.conv is not None:
             nll = [-ll / c for ll, c in zip(self.conv([conv_maps[i] for i in self.levels]), self.conv.channels)]
-            every = self._anomaly_map(nll)
+            every = self._combine_levels(nll)
             out[HEADS["conv"]] = self._map_score(every)
-            out["anomaly_map"] = every if self.shown is None else self._anomaly_map([nll[i] for i in self.shown])
+            shown = every if self.shown is None else self._combine_levels([nll[i] for i in self.shown])
+            out["anomaly_map"] = self._to_image_size(shown)
         if self.fusion is not None:
             z = [(out[HEADS[h]] - v["mean"]) / v["std"] for h, v in self.fusion["heads"].items()]
             score = torch.stack(z).mean(dim=0)
@@ -151,18 +160,18 @@ class FullScorer(nn.Module):
 def export_model(model_dir: Path | str, out: Path | str, params: Params) -> Path:
     """Write ``out`` (atomically): the single-file scorer of every head in ``model_dir``."""
     scorer = FullScorer(load_heads(model_dir), params.train.n_transforms_test, params).eval()
-    dummy = torch.rand(2, 3, scorer.size, scorer.size)
+    dummy = torch.rand(2, scorer.size, scorer.size, 3)
     out = Path(out)
     axes = {name: {0: "batch"} for name in ["image", *scorer.outputs]}
     with atomic_path(out) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(scorer, (dummy,), str(tmp), dynamo=False, input_names=["image"],
                           output_names=scorer.outputs, dynamic_axes=axes, opset_version=ONNX_OPSET)
-    log.info("wrote %s (%.1f MB): image (N, 3, %d, %d) RGB in [0, 1] -> %s (score from %s)", out,
+    log.info("wrote %s (%.1f MB): image (N, %d, %d, 3) RGB in [0, 1] -> %s (score from %s)", out,
              out.stat().st_size / 2**20, scorer.size, scorer.size, ", ".join(scorer.outputs), scorer.main)
     return out
 
 
 def onnx_scores(path: Path | str, images: np.ndarray, threads: int = 2, output: str = "score") -> np.ndarray:
-    """Run an exported model on ``(N, 3, S, S)`` images: its ``output`` (default the score ``(N,)``)."""
+    """Run an exported model on ``(N, S, S, 3)`` images (RGB in [0, 1]): its ``output`` (default the score ``(N,)``)."""
     return ort_session(path, threads).run([output], {"image": np.ascontiguousarray(images, dtype=np.float32)})[0]

@@ -7,7 +7,7 @@ are global-average pooled and concatenated: one vector of
 
 Image handling: any file OpenCV reads; BGR -> RGB, grayscale -> 3 channels, RGBA composited
 over black, 16-bit scaled to [0, 1]; resized (area) to ``image_size``, rotated, then resized
-per scale, normalised with the backbone's mean/std.
+per scale; the exported graph normalises with the backbone's mean/std.
 
 The backbone is exported once per (backbone, weights hash, input size) to
 ``<cache_dir>/onnx/<name>-<weights id>-<size>px-v<N>.onnx`` (legacy TorchScript exporter:
@@ -43,7 +43,7 @@ from defectflow.errors import DefectflowError
 from defectflow.fsutil import ImageReadError, atomic_path
 from defectflow.stage import logger
 
-EXPORT_VERSION = 2      # bump when the exported graph changes (invalidates cached .onnx files)
+EXPORT_VERSION = 3      # bump when the exported graph changes (invalidates cached .onnx files)
 PREP_VERSION = 2        # bump when image preprocessing changes (invalidates cached features)
 ONNX_OPSET = 17
 DEFAULT_CACHE = Path(".cache/defectflow")
@@ -157,27 +157,22 @@ def scale_sizes(image_size: int, scales: Sequence[float]) -> list[int]:
     return [max(8, int(round(image_size * s))) for s in scales]
 
 
-def prepare(images: Sequence[np.ndarray], n_transforms: int, image_size: int, scales: Sequence[float],
-            mean: Sequence[float], std: Sequence[float]) -> list[np.ndarray]:
-    """Network inputs for ``images`` (float RGB in [0, 1]): one ``(N * T, 3, s, s)`` array per scale.
+def prepare(images: Sequence[np.ndarray], n_transforms: int, image_size: int,
+            scales: Sequence[float]) -> list[np.ndarray]:
+    """Network inputs for ``images`` (float RGB in [0, 1]): one ``(N * T, s, s, 3)`` array per scale,
+    still RGB in [0, 1] (the exported graph changes the layout and normalises: :func:`backbone_graph`).
 
-    Row ``i * T + t`` is image ``i`` under transform ``t``. Normalisation (per-channel affine) is
-    done once per image, before rotating: it commutes with rotation and resizing.
+    Row ``i * T + t`` is image ``i`` under transform ``t``.
     """
     sizes = scale_sizes(image_size, scales)
-    m = np.asarray(mean, np.float32)
-    sd = np.asarray(std, np.float32)
     angles = rotation_angles(n_transforms)
-    out = [np.empty((len(images) * n_transforms, 3, s, s), np.float32) for s in sizes]
+    out = [np.empty((len(images) * n_transforms, s, s, 3), np.float32) for s in sizes]
     for i, img in enumerate(images):
-        base = (_resize(img, image_size) - m) / sd
+        base = _resize(img, image_size)
         for t, angle in enumerate(angles):
-            quarter = angle / 90.0
-            exact = abs(quarter - round(quarter)) < 1e-9
-            rot = np.rot90(base, int(round(quarter)) % 4) if exact else rotate(base, angle)
+            rot = rotate(base, angle) if angle else base
             for k, size in enumerate(sizes):
-                x = rot if size == image_size else _resize(np.ascontiguousarray(rot), size)
-                out[k][i * n_transforms + t] = x.transpose(2, 0, 1)
+                out[k][i * n_transforms + t] = rot if size == image_size else _resize(rot, size)
     return out
 
 
@@ -187,21 +182,29 @@ def pool(maps: Sequence[np.ndarray]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ ONNX backbone
-def _WithPooled(net):
-    """Wrap a feature module: ``forward(x) -> [*maps, pooled]`` (pooled = GAP of every map, concatenated)."""
+def backbone_graph(name: str, image_size: int, *, pretrained: bool = True,
+                   weights: str | os.PathLike | None = None):
+    """Backbone ``name`` as exported and run: ``image (N, S, S, 3)`` float RGB in [0, 1] (decoded
+    images as they come, no layout change or normalisation outside) ``-> (*maps, pooled)``; pooled
+    = global average of every map, concatenated. Torch module, eval mode."""
     import torch
     from torch import nn
 
-    class WithPooled(nn.Module):
+    spec = get_backbone(name)
+
+    class BackboneGraph(nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
+            std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+            self.register_buffer("scale", 1.0 / std)
+            self.register_buffer("shift", -torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1) / std)
 
-        def forward(self, x):
-            maps = self.inner(x)
+        def forward(self, image):
+            maps = self.inner(image.permute(0, 3, 1, 2) * self.scale + self.shift)
             return (*maps, torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1))
 
-    return WithPooled(net).eval()
+    return BackboneGraph(build_backbone(name, pretrained=pretrained, weights=weights, image_size=image_size)).eval()
 
 
 def export_onnx(name: str, image_size: int, path: Path, *, pretrained: bool = True,
@@ -209,9 +212,9 @@ def export_onnx(name: str, image_size: int, path: Path, *, pretrained: bool = Tr
     """Export the feature module of backbone ``name`` for ``image_size`` px inputs to ``path``."""
     import torch
 
-    net = _WithPooled(build_backbone(name, pretrained=pretrained, weights=weights, image_size=image_size))
+    net = backbone_graph(name, image_size, pretrained=pretrained, weights=weights)
     n_maps = len(get_backbone(name).layers)
-    dummy = torch.zeros(1, 3, image_size, image_size)
+    dummy = torch.zeros(1, image_size, image_size, 3)
     outputs = [f"map{i}" for i in range(n_maps)] + ["pooled"]
     axes = {"image": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
@@ -221,14 +224,22 @@ def export_onnx(name: str, image_size: int, path: Path, *, pretrained: bool = Tr
     return path
 
 
-def ort_session(path: str | os.PathLike, threads: int = 2):
-    """A CPU ONNX Runtime session with ``threads`` intra-op threads (one inter-op), warnings silenced."""
+def ort_session(path: str | os.PathLike, threads: int = 2, *, blocked_layout: bool = True):
+    """A CPU ONNX Runtime session with ``threads`` intra-op threads (one inter-op), warnings silenced.
+
+    Worker threads do not spin-wait after a run: scoring alternates between sessions (backbone,
+    heads) on few cores, and one session's spinning threads slowed the next by 10-20%.
+    ``blocked_layout=False`` skips ONNX Runtime's blocked-channel (NCHWc) layout: it pays off
+    for the backbone's large convolutions (2.6x) but costs the small heads layout changes."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not blocked_layout:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -254,7 +265,7 @@ class OnnxBackbone:
         self.map_names = [o for o in outs if o.startswith("map")]
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
-        """Feature maps ``[(B, C_i, h_i, w_i)]`` of a normalised batch."""
+        """Feature maps ``[(B, C_i, h_i, w_i)]`` of a prepared batch (:func:`prepare`)."""
         return self.session.run(self.map_names, {"image": np.ascontiguousarray(x, dtype=np.float32)})
 
     def pooled(self, x: np.ndarray) -> np.ndarray:
@@ -373,11 +384,11 @@ class FeatureExtractor:
         """Features of in-memory float RGB images: ``(N, n_transforms, dim)`` float32."""
         if not len(images):
             return np.empty((0, n_transforms, self.dim), np.float32)
-        inputs = prepare(images, n_transforms, self.image_size, self.scales, self.spec.mean, self.spec.std)
+        inputs = prepare(images, n_transforms, self.image_size, self.scales)
         return self.features_of_inputs(inputs).reshape(len(images), n_transforms, self.dim)
 
     def features_of_inputs(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
-        """Pooled features ``(M, dim)`` of prepared inputs (one ``(M, 3, s, s)`` array per scale)."""
+        """Pooled features ``(M, dim)`` of prepared inputs (one ``(M, s, s, 3)`` array per scale)."""
         pooled = [net.outputs(x, ["pooled"], self.batch_size)[0] for net, x in zip(self.nets, inputs)]
         return np.concatenate(pooled, axis=1).astype(np.float32, copy=False)
 

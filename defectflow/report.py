@@ -59,7 +59,7 @@ _TEMPLATE = """<!doctype html>
 <div class="plots">{% if roc_png %}<img alt="ROC curve" src="data:image/png;base64,{{ roc_png }}">{% endif %}
 {% if hist_png %}<img alt="score histogram" src="data:image/png;base64,{{ hist_png }}">{% endif %}</div>
 <h2>Flagged products ({{ n_flagged }}{% if flagged|length < n_flagged %}, {{ flagged|length }} shown{% endif %})</h2>
-{% if flagged %}<table><tr><th>image</th>{% if has_overlays %}<th>heat map + boxes</th>{% endif %}<th>product</th><th>run</th><th>true label</th><th>max score</th><th>flagged cameras</th></tr>
+{% if flagged %}<table><tr><th>image</th>{% if has_overlays %}<th>{{ overlay_title }}</th>{% endif %}<th>product</th><th>run</th><th>true label</th><th>max score</th><th>flagged cameras</th></tr>
 {% for p in flagged %}<tr><td>{% if p.thumb %}<img alt="{{ p.product_id }}" src="data:image/jpeg;base64,{{ p.thumb }}">{% else %}(image unavailable){% endif %}</td>
 {% if has_overlays %}<td>{% if p.overlay %}<img alt="{{ p.product_id }} anomaly map" src="data:image/jpeg;base64,{{ p.overlay }}">{% else %}(no map){% endif %}</td>{% endif %}
 <td>{{ p.product_id }}</td><td>{{ p.run }}</td><td><span class="tag {{ p.label }}">{{ p.label }}</span></td>
@@ -100,7 +100,8 @@ def _fmt(v) -> str:
 
 def write_report(path: Path, metrics: dict, verdicts: pd.DataFrame, scores: pd.DataFrame, threshold: float,
                  method_used: str, roc_png: bytes | None, hist_png: bytes | None, max_images: int = 24,
-                 notes: list[str] | None = None, overlays: dict | None = None) -> Path:
+                 notes: list[str] | None = None, overlays: dict | None = None,
+                 overlay_title: str = "heat map + boxes") -> Path:
     """Render the report to ``path`` (atomic). Thumbnails: the highest-scoring image of each flagged product."""
     from jinja2 import Environment, select_autoescape
 
@@ -132,7 +133,7 @@ def write_report(path: Path, metrics: dict, verdicts: pd.DataFrame, scores: pd.D
         per_type=per_type, bands=bands, band_rows=band_rows, notes=list(notes or []) + list(metrics.get("notes") or []),
         roc_png=base64.b64encode(roc_png).decode() if roc_png else None,
         hist_png=base64.b64encode(hist_png).decode() if hist_png else None, flagged=flagged,
-        has_overlays=bool(overlays))
+        has_overlays=bool(overlays), overlay_title=overlay_title)
     with atomic_path(path) as tmp:
         tmp.write_text(html, encoding="utf-8")
     return path

@@ -233,7 +233,7 @@ def _train_conv_head(params: Params, src: Path, train_df, sel_df, out, report, c
             raise TrainError(f"{src}: no readable validation image left to pick the epoch")
     t_maps = time.perf_counter() - t0
     cfg = ConvFitConfig(n_blocks=cp.n_blocks, hidden_ratio=cp.hidden_ratio, kernels=tuple(cp.kernels),
-                        clamp=cp.clamp, epochs=cp.epochs, batch_size=cp.batch_size, lr=cp.lr,
+                        subnet=cp.subnet, clamp=cp.clamp, epochs=cp.epochs, batch_size=cp.batch_size, lr=cp.lr,
                         weight_decay=cp.weight_decay, seed=params.seed, threads=tp.fit_threads)
     torch.manual_seed(params.seed)
     res = fit_conv_flow(tr, va, cfg, progress=True)

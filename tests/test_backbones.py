@@ -100,12 +100,14 @@ def test_onnx_features_equal_torch_features(cache):
     images = [rng.random((80, 70, 3), dtype=np.float32) for _ in range(3)]
     got = fx.features(images, n_transforms=2)
     assert got.shape == (3, 2, fx.dim)
-    inputs = prepare(images, 2, 64, (1.0, 0.5), fx.spec.mean, fx.spec.std)
+    inputs = prepare(images, 2, 64, (1.0, 0.5))
+    assert [x.shape for x in inputs] == [(6, 64, 64, 3), (6, 32, 32, 3)]   # RGB in [0, 1]: the graph normalises
+    mean, std = np.asarray(fx.spec.mean, np.float32), np.asarray(fx.spec.std, np.float32)
     parts = []
     for x, size in zip(inputs, (64, 32)):
         net = bb.build_backbone("efficientnet_lite0", image_size=size)
         with torch.no_grad():
-            parts.append(pool([m.numpy() for m in net(torch.from_numpy(x))]))
+            parts.append(pool([m.numpy() for m in net(torch.from_numpy(((x - mean) / std).transpose(0, 3, 1, 2)))]))
     expected = np.concatenate(parts, axis=1).reshape(3, 2, fx.dim)
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
     # the export is cached: a second extractor reuses the files

@@ -25,6 +25,8 @@ def _std_block() -> Standardize2d:
 
 
 @pytest.mark.parametrize("make", [lambda: ConvCoupling(5, 6, 3, 1.5), lambda: ConvCoupling(4, 6, 1, 2.0),
+                                  lambda: ConvCoupling(5, 6, 3, 1.5, "separable"),
+                                  lambda: ConvCoupling(5, 6, 1, 1.5, clamp_kind="tanh"),
                                   lambda: ChannelPermutation(7, seed=3), _std_block])
 def test_blocks_invert_and_logdet_maps_cancel(make):
     block = make()
@@ -44,8 +46,9 @@ def test_blocks_invert_and_logdet_maps_cancel(make):
     torch.testing.assert_close(ld_rev, -ld, atol=1e-10, rtol=1e-10)
 
 
-def _tiny_model() -> ConvFlow:
-    m = ConvFlow([3, 4], n_blocks=3, hidden_ratio=2.0, clamp=2.0, seed=1, kernels=(3, 1))
+def _tiny_model(subnet: str = "dense", clamp_kind: str = "atan") -> ConvFlow:
+    m = ConvFlow([3, 4], n_blocks=3, hidden_ratio=2.0, clamp=2.0, seed=1, kernels=(3, 1), subnet=subnet,
+                 clamp_kind=clamp_kind)
     m.set_stats([torch.tensor([0.1, -0.2, 0.3]), torch.zeros(4)],
                 [torch.tensor([0.5, 1.5, 2.0]), torch.linspace(0.5, 2.0, 4)])
     _randomise(m, scale=0.3)
@@ -60,10 +63,11 @@ def test_model_inverse_is_identity():
         torch.testing.assert_close(x2, x, atol=1e-9, rtol=1e-9)
 
 
-def test_log_likelihood_map_sums_to_exact_density_numerical_jacobian():
+@pytest.mark.parametrize("subnet,clamp_kind", [("dense", "atan"), ("separable", "atan"), ("dense", "tanh")])
+def test_log_likelihood_map_sums_to_exact_density_numerical_jacobian(subnet, clamp_kind):
     """Sum over positions of the log p map == log N(z; 0, I) + log|det dz/dx| with the full Jacobian
     of the whole map (3x3 convs couple neighbouring positions, so this checks the split is exact)."""
-    m = _tiny_model()
+    m = _tiny_model(subnet, clamp_kind)
     level = m.levels[0]
     shape = (1, 3, 3, 3)
     x = torch.randn(shape, dtype=torch.float64)
@@ -162,14 +166,22 @@ def test_save_load_roundtrip_weights_only(tmp_path, toy_fit):
     model, meta = load_conv_flow(path)
     assert meta == {"levels": [0]}
     torch.testing.assert_close(model.log_likelihood_maps([val])[0], res.model.log_likelihood_maps([val])[0])
+    assert payload["config"]["clamp_kind"] == "tanh"          # what fit_conv_flow trains by default
+    del payload["config"]["subnet"], payload["config"]["clamp_kind"]   # a file from before both options
+    torch.save(payload, tmp_path / "old.pt")
+    old = load_conv_flow(tmp_path / "old.pt")[0].config
+    assert (old.subnet, old.clamp_kind) == ("dense", "atan")
+    with pytest.raises(ValueError, match="atan or tanh"):
+        ConvCoupling(4, 4, 1, clamp_kind="sigmoid")
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(ConvFitError, match="junk.pt"):
         load_conv_flow(tmp_path / "junk.pt")
 
 
-def test_onnx_export_matches_torch(tmp_path):
+@pytest.mark.parametrize("subnet,kernels", [("dense", (3, 1)), ("separable", (3, 1)), ("dense", (1,))])
+def test_onnx_export_matches_torch(tmp_path, subnet, kernels):
     ort = pytest.importorskip("onnxruntime")
-    m = ConvFlow([6, 8], n_blocks=2, hidden_ratio=1.0, seed=0)
+    m = ConvFlow([6, 8], n_blocks=2, hidden_ratio=1.0, seed=0, subnet=subnet, kernels=kernels)
     _randomise(m, scale=0.2)
     m.eval()
     path = export_onnx(m, tmp_path / "conv.onnx", sizes=[(8, 8), (4, 4)])

@@ -189,12 +189,14 @@ def test_both_heads_share_one_backbone_pass_and_onnx_equals_torch(both):
     heads = load_heads(root / "model")
     assert heads.shares_pass(params)
     shared, amaps = score_with_maps(test, root / "model", params, model=heads, keep_maps=True)
-    from defectflow.anomaly_maps import anomaly_maps, image_scores
+    from defectflow.anomaly_maps import anomaly_maps, combine_levels, image_scores
     conv = heads.conv
     maps = conv.extractor(params).extract(test["image_path"].tolist())
-    ref = anomaly_maps(conv.nll_maps(maps, backend="torch"), (64, 64), params.maps.sigma)
+    nll = conv.nll_maps(maps, backend="torch")
+    ref = anomaly_maps(nll, (64, 64), params.maps.sigma)
     np.testing.assert_allclose(amaps, ref, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(shared["score_conv"], image_scores(ref, params.maps.score), rtol=1e-4)
+    grid = combine_levels(nll, (64, 64), params.maps.sigma)           # scores come from the map grid
+    np.testing.assert_allclose(shared["score_conv"], image_scores(grid, params.maps.score), rtol=1e-4)
     alone = score_items(test, root / "model", _params(head="image"), model=heads.image)
     np.testing.assert_allclose(shared["score_image"], alone["score_image"], rtol=1e-5)
 
@@ -216,7 +218,7 @@ def test_map_levels_choose_the_shown_map_and_keep_the_conv_score(both):
     from defectflow.export import export_model, onnx_scores
     from defectflow.features import _resize, load_image
     out = export_model(root / "model", root / "fine.onnx", fine)
-    imgs = np.stack([_resize(load_image(p), 64).transpose(2, 0, 1) for p in test.image_path])
+    imgs = np.stack([_resize(load_image(p), 64) for p in test.image_path])
     np.testing.assert_allclose(onnx_scores(out, imgs, output="anomaly_map"), amaps_fine, rtol=1e-4, atol=1e-4)
     with pytest.raises(ParamsError, match="subset of train.conv.levels"):
         params_from_dict({"train": {"conv": {"levels": [0, 1]}}, "maps": {"levels": [2]}})
@@ -256,3 +258,40 @@ def test_conv_params_are_validated():
         params_from_dict({"maps": {"score": "median"}})
     p = params_from_dict({})
     assert p.train.head == "both" and p.train.heads == ("image", "conv")
+
+
+def test_gradient_maps_explain_the_image_head(data, tmp_path):
+    """DifferNet's gradient maps: the torch score they differentiate is the pipeline's image score,
+    nudging the pixels where the map is high moves the score far more than where it is low, and the
+    report shows them (image head alone: no conv heat map)."""
+    import torch
+
+    from defectflow.anomaly_maps import load_rgb
+    from defectflow.gradient_maps import GradientMapper
+    from defectflow.scoring import load_model
+
+    _, inp = data
+    params = params_from_dict({"seed": 1, "train": {**TRAIN, "head": "image"},
+                               "evaluate": {"bootstrap": 50, "gradient_maps": True}})
+    _stages(params, inp, tmp_path)
+    html = (tmp_path / "reports" / "report.html").read_text()
+    assert "<th>gradient map</th>" in html and 'anomaly map" src="data:image/jpeg;base64,' in html
+    test = read_manifest(inp / "manifest.parquet", SYNTH).query("split == 'test'")
+    mapper = GradientMapper(load_model(tmp_path / "model"), params)
+    images = np.stack([load_rgb(p, 64) for p in test.image_path])
+    with torch.no_grad():
+        np.testing.assert_allclose(mapper.score(torch.from_numpy(images)).numpy(),
+                                   score_items(test, tmp_path / "model", params)["score_image"], rtol=1e-3)
+    maps = mapper.maps(list(images))
+    assert maps.shape == (len(images), 64, 64) and np.isfinite(maps).all() and (maps >= 0).all()
+    x = torch.from_numpy(images[-1:]).requires_grad_(True)
+    base = mapper.score(x)
+    base.sum().backward()
+    step = 0.02 * torch.sign(x.grad)
+    with torch.no_grad():
+        def moved(region):
+            mask = torch.from_numpy(region[None, :, :, None].astype(np.float32))
+            return float(mapper.score(x + step * mask) - base)
+        high = moved(maps[-1] >= np.quantile(maps[-1], 0.95))
+        low = moved(maps[-1] <= np.quantile(maps[-1], 0.05))
+    assert high > 0 and high > 3 * abs(low)

@@ -378,7 +378,7 @@ def test_export_one_onnx_model_scores_as_the_pipeline(pipeline, tmp_path):
     test = df[df.split == "test"]
     scored, amaps = score_with_maps(test, root / "model", params, keep_maps=True)
     from defectflow.features import _resize
-    imgs = np.stack([_resize(load_image(p), params.train.image_size).transpose(2, 0, 1) for p in test.image_path])
+    imgs = np.stack([_resize(load_image(p), params.train.image_size) for p in test.image_path])
     # relative 1e-4 of the score's magnitude (floored at 1: scores are NLL per dim or z-scores, they cross 0)
     for name in ("score", "score_image", "score_conv"):
         expected = scored[name].to_numpy()

@@ -49,8 +49,13 @@ class InvertibleBlock(nn.Module):
         raise NotImplementedError
 
 
-def soft_clamp(s: Tensor, clamp: float) -> Tensor:
-    """Smoothly squash log-scales into (-clamp, clamp): ``clamp * 2/pi * atan(s / clamp)``."""
+def soft_clamp(s: Tensor, clamp: float, kind: str = "atan") -> Tensor:
+    """Smoothly squash log-scales into (-clamp, clamp): ``clamp * 2/pi * atan(s / clamp)`` (``atan``,
+    as FrEIA) or ``clamp * tanh(s / clamp)`` (``tanh``: vectorised in ONNX Runtime, atan is not)."""
+    if kind == "tanh":
+        return clamp * torch.tanh(s / clamp)
+    if kind != "atan":
+        raise ValueError(f"soft_clamp: kind must be atan or tanh, got {kind!r}")
     return clamp * _TWO_OVER_PI * torch.atan(s / clamp)
 
 

@@ -4,7 +4,7 @@ One independent model per feature level. Each maps a feature map ``(N, C, h, w)`
 of the same shape, position by position towards N(0, I) in the channels::
 
     Standardize2d (per-channel train mean/std, log-det kept)
-    -> [ConvCoupling (3x3 / 1x1 conv subnets, alternating) -> ChannelPermutation] * n_blocks
+    -> [ConvCoupling (k x k conv subnets, dense or separable, kernels alternating) -> ChannelPermutation] * n_blocks
 
 Sign convention as in :mod:`defectflow.density.blocks`: a block maps data -> latent and returns
 ``log |det dy/dx|``, but here as a **map** ``(N, h, w)``. The Jacobian of a coupling is
@@ -80,9 +80,12 @@ class Standardize2d(nn.Module):
 class ConvCoupling(nn.Module):
     """Affine coupling with a conv subnet (FastFlow): ``x = [a, b]`` split on channels,
     ``b' = b * exp(s(a)) + t(a)``, ``a`` unchanged; ``s`` soft-clamped to (-clamp, clamp).
-    Subnet: Conv(k) -> ReLU -> Conv(k), the last one zero-initialised (identity at start)."""
+    Subnet ``dense``: Conv(k) -> ReLU -> Conv(k); ``separable``: Conv(1) -> depthwise Conv(k) ->
+    ReLU -> Conv(1) (the same k x k context at about the cost of 1 x 1 kernels). The last conv
+    is zero-initialised (identity at start). ``clamp_kind``: :func:`soft_clamp`'s atan or tanh."""
 
-    def __init__(self, channels: int, hidden: int, kernel: int = 3, clamp: float = 2.0):
+    def __init__(self, channels: int, hidden: int, kernel: int = 3, clamp: float = 2.0, subnet: str = "dense",
+                 clamp_kind: str = "atan"):
         super().__init__()
         if channels < 2:
             raise ValueError(f"ConvCoupling: channels must be >= 2, got {channels}")
@@ -93,16 +96,25 @@ class ConvCoupling(nn.Module):
         self.c1 = channels // 2
         self.c2 = channels - self.c1
         self.clamp = float(clamp)
+        self.clamp_kind = str(clamp_kind)
+        soft_clamp(torch.zeros(1), 1.0, self.clamp_kind)        # rejects an unknown kind here
         pad = kernel // 2
-        self.net = nn.Sequential(nn.Conv2d(self.c1, hidden, kernel, padding=pad), nn.ReLU(),
-                                 nn.Conv2d(hidden, 2 * self.c2, kernel, padding=pad))
+        if subnet == "dense":
+            self.net = nn.Sequential(nn.Conv2d(self.c1, hidden, kernel, padding=pad), nn.ReLU(),
+                                     nn.Conv2d(hidden, 2 * self.c2, kernel, padding=pad))
+        elif subnet == "separable":
+            spatial = [nn.Conv2d(hidden, hidden, kernel, padding=pad, groups=hidden)] if kernel > 1 else []
+            self.net = nn.Sequential(nn.Conv2d(self.c1, hidden, 1), *spatial, nn.ReLU(),
+                                     nn.Conv2d(hidden, 2 * self.c2, 1))
+        else:
+            raise ValueError(f"ConvCoupling: subnet must be dense or separable, got {subnet!r}")
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: Tensor, rev: bool = False) -> tuple[Tensor, Tensor]:
         a, b = x[:, :self.c1], x[:, self.c1:]
         st = self.net(a)
-        s, t = soft_clamp(st[:, :self.c2], self.clamp), st[:, self.c2:]
+        s, t = soft_clamp(st[:, :self.c2], self.clamp, self.clamp_kind), st[:, self.c2:]
         if not rev:
             return torch.cat([a, b * torch.exp(s) + t], dim=1), s.sum(dim=1)
         return torch.cat([a, (b - t) * torch.exp(-s)], dim=1), -s.sum(dim=1)
@@ -124,12 +136,13 @@ class ChannelPermutation(nn.Module):
 class LevelFlow(nn.Module):
     """The density model of one feature level (C channels, any h x w)."""
 
-    def __init__(self, channels: int, n_blocks: int, hidden: int, kernels: Sequence[int], clamp: float, seed: int):
+    def __init__(self, channels: int, n_blocks: int, hidden: int, kernels: Sequence[int], clamp: float, seed: int,
+                 subnet: str = "dense", clamp_kind: str = "atan"):
         super().__init__()
         self.channels = int(channels)
         blocks: list[nn.Module] = [Standardize2d(channels)]
         for i in range(n_blocks):
-            blocks.append(ConvCoupling(channels, hidden, kernels[i % len(kernels)], clamp))
+            blocks.append(ConvCoupling(channels, hidden, kernels[i % len(kernels)], clamp, subnet, clamp_kind))
             blocks.append(ChannelPermutation(channels, seed=seed * 1000 + i))
         self.blocks = nn.ModuleList(blocks)
 
@@ -157,6 +170,8 @@ class ConvFlowConfig:
     kernels: tuple[int, ...] = (3, 1)
     clamp: float = 2.0
     seed: int = 0
+    subnet: str = "dense"
+    clamp_kind: str = "atan"          # files written before the option: atan
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -176,7 +191,8 @@ class ConvFlow(nn.Module):
     (nats per position, every term): the ONNX-exportable scorer."""
 
     def __init__(self, channels: Sequence[int], n_blocks: int = 8, hidden_ratio: float = 1.0,
-                 clamp: float = 2.0, seed: int = 0, kernels: Sequence[int] = (3, 1)):
+                 clamp: float = 2.0, seed: int = 0, kernels: Sequence[int] = (3, 1), subnet: str = "dense",
+                 clamp_kind: str = "atan"):
         super().__init__()
         if not channels:
             raise ValueError("ConvFlow: channels must name at least one feature level")
@@ -185,15 +201,17 @@ class ConvFlow(nn.Module):
         if not hidden_ratio > 0:
             raise ValueError(f"ConvFlow: hidden_ratio must be > 0, got {hidden_ratio}")
         self.config = ConvFlowConfig(tuple(int(c) for c in channels), int(n_blocks), float(hidden_ratio),
-                                     tuple(int(k) for k in kernels), float(clamp), int(seed))
+                                     tuple(int(k) for k in kernels), float(clamp), int(seed), str(subnet),
+                                     str(clamp_kind))
         self.levels = nn.ModuleList(
-            LevelFlow(c, n_blocks, max(2, int(round(hidden_ratio * c))), self.config.kernels, clamp, seed * 100 + i)
-            for i, c in enumerate(self.config.channels))
+            LevelFlow(c, n_blocks, max(2, int(round(hidden_ratio * c))), self.config.kernels, clamp, seed * 100 + i,
+                      subnet, clamp_kind) for i, c in enumerate(self.config.channels))
 
     @classmethod
     def from_config(cls, cfg: ConvFlowConfig | dict) -> "ConvFlow":
         cfg = cfg if isinstance(cfg, ConvFlowConfig) else ConvFlowConfig.from_dict(cfg)
-        return cls(cfg.channels, cfg.n_blocks, cfg.hidden_ratio, cfg.clamp, cfg.seed, cfg.kernels)
+        return cls(cfg.channels, cfg.n_blocks, cfg.hidden_ratio, cfg.clamp, cfg.seed, cfg.kernels, cfg.subnet,
+                   cfg.clamp_kind)
 
     @property
     def channels(self) -> tuple[int, ...]:
@@ -302,7 +320,9 @@ class ConvFitConfig:
     n_blocks: int = 4
     hidden_ratio: float = 1.0
     kernels: tuple[int, ...] = (3, 1)
+    subnet: str = "dense"
     clamp: float = 2.0
+    clamp_kind: str = "tanh"
     epochs: int = 8
     batch_size: int = 16          # images (each gives h * w positions)
     lr: float = 2e-3
@@ -368,7 +388,8 @@ def fit_conv_flow(train_maps: Sequence[np.ndarray], val_maps: Optional[Sequence[
     try:
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
-        model = ConvFlow([m.shape[1] for m in xs], cfg.n_blocks, cfg.hidden_ratio, cfg.clamp, cfg.seed, cfg.kernels)
+        model = ConvFlow([m.shape[1] for m in xs], cfg.n_blocks, cfg.hidden_ratio, cfg.clamp, cfg.seed, cfg.kernels,
+                         cfg.subnet, cfg.clamp_kind)
         stats = [channel_stats(m.numpy()) for m in xs]
         model.set_stats([s[0] for s in stats], [s[1] for s in stats])
         opts = [torch.optim.Adam(lv.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for lv in model.levels]
