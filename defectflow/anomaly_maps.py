@@ -362,5 +362,5 @@ def maps_and_scores(model, feature_maps: Sequence, size: tuple[int, int], *, sig
                     level_norm: Optional[Sequence[tuple[float, float]]] = None) -> tuple[np.ndarray, np.ndarray]:
     """Backbone maps ``[(N, C_i, h_i, w_i)]`` -> (anomaly maps ``(N, H, W)``, image scores ``(N,)``)
     with a trained :class:`defectflow.density.conv.ConvFlow`: the one call scoring needs."""
-    amaps = anomaly_maps(model.nll_per_dim_maps(feature_maps), size, sigma, level_norm)
-    return amaps, image_scores(amaps, score, top_fraction)
+    grid = combine_levels(model.nll_per_dim_maps(feature_maps), size, sigma, level_norm)
+    return to_image_size(grid, size), image_scores(grid, score, top_fraction)

@@ -17,58 +17,39 @@ from typing import Sequence
 import cv2
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from defectflow.anomaly_maps import gaussian_ksize
 from defectflow.config import Params
 from defectflow.errors import DefectflowError
-from defectflow.features import _resize, backbone_graph, rotation_angles, scale_sizes
+from defectflow.export import ExportError, FullScorer
+from defectflow.features import _resize
 
 
 class GradientMapError(DefectflowError):
     """Gradient maps cannot be made with these settings."""
 
 
-def _quarters(n_transforms: int) -> list[int]:
-    angles = rotation_angles(n_transforms)
-    if any(abs(a / 90 - round(a / 90)) > 1e-9 for a in angles):
-        raise GradientMapError(f"train.n_transforms_test {n_transforms}: gradient maps rotate by multiples of "
-                               "90 degrees only (1, 2 or 4 transforms)")
-    return [int(round(a / 90)) % 4 for a in angles]
-
-
 class GradientMapper:
-    """The image head of a loaded model (:class:`defectflow.scoring.LoadedModel`) in torch, ready to
-    differentiate its score with respect to input pixels."""
+    """The image head of a loaded model (:class:`defectflow.scoring.LoadedModel`) in torch, as
+    :class:`defectflow.export.FullScorer` computes it, ready to differentiate its score with respect
+    to input pixels."""
 
     def __init__(self, model, params: Params):
-        f = model.features
-        self.density = model.density.eval()
-        self.size = int(f["image_size"])
-        self.sizes = scale_sizes(self.size, f["scales"])
-        self.quarters = _quarters(params.train.n_transforms_test)
-        weights = params.train.weights or f.get("weights")
-        self.nets = [backbone_graph(f["backbone"], s, pretrained=f["pretrained"], weights=weights) for s in self.sizes]
+        try:
+            self.scorer = FullScorer(model, params.train.n_transforms_test).eval()
+        except ExportError as err:
+            raise GradientMapError(f"gradient maps: {err}") from None
+        self.size = self.scorer.size
         self.sigma = float(params.maps.sigma)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """Image-head scores ``(N,)`` of ``x (N, S, S, 3)`` RGB in [0, 1] (the pipeline's, in torch)."""
-        n, t = x.shape[0], len(self.quarters)
-        rots = torch.stack([torch.rot90(x, k, dims=(1, 2)) for k in self.quarters], dim=1).reshape(n * t, *x.shape[1:])
-        pooled = []
-        for size, net in zip(self.sizes, self.nets):
-            xs = rots
-            if size != self.size:   # area downscale, as cv2.INTER_AREA for the pipeline's integer factors
-                xs = F.interpolate(rots.permute(0, 3, 1, 2), size=(size, size), mode="area").permute(0, 2, 3, 1)
-            pooled.append(net(xs)[-1])
-        return self.density.score_graph(torch.cat(pooled, dim=1).reshape(n, t, -1))
+        return self.scorer(x)[0]
 
     def maps(self, images: Sequence[np.ndarray], batch_size: int = 8) -> np.ndarray:
         """``(N, S, S)`` gradient maps of float RGB images (any size: resized to the model's)."""
         out = np.zeros((len(images), self.size, self.size), np.float32)
-        for net in self.nets:
-            net.requires_grad_(False)
-        self.density.requires_grad_(False)
+        self.scorer.requires_grad_(False)
         for i in range(0, len(images), batch_size):
             batch = np.stack([_resize(np.asarray(img, np.float32), self.size) for img in images[i:i + batch_size]])
             x = torch.from_numpy(batch).requires_grad_(True)
