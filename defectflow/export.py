@@ -2,10 +2,11 @@
 
     defectflow export [--model models/model] [--out models/model.onnx]
 
-Input ``image``: float32 ``(N, S, S, 3)``, RGB in [0, 1] (channels last, as decoders give it), already resized to ``train.image_size``
-(``S``), as :func:`defectflow.features.load_image` + resize give it. Inside the graph: ImageNet
-normalisation, the ``n_transforms_test`` rotations (multiples of 90 degrees: 1, 2 or 4 transforms),
-each image scale (area downscale by an integer factor), one backbone pass per rotation and scale,
+Input ``image``: float32 ``(N, S, S, 3)``, RGB in [0, 1] (channels last, as decoders give it),
+already resized to ``train.image_size`` (``S``), as :func:`defectflow.features.load_image` + resize
+give it. Inside the graph: the ``n_transforms_test`` rotations (multiples of 90 degrees: 1, 2 or 4 transforms),
+each image scale (area downscale by an integer factor), one pass of the pipeline's backbone graph
+(:func:`defectflow.features.backbone_graph`: ImageNet normalisation, maps, pooled) per rotation and scale,
 then every head of the model folder:
 
 - image head: global average pooling, the density model's NLL per dim averaged over the rotations
@@ -32,10 +33,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from defectflow.anomaly_maps import gaussian_ksize, map_grid
-from defectflow.backbones import build_backbone, get_backbone
 from defectflow.config import Params
 from defectflow.errors import DefectflowError
-from defectflow.features import ONNX_OPSET, ort_session, rotation_angles, scale_sizes
+from defectflow.features import ONNX_OPSET, backbone_graph, ort_session, rotation_angles, scale_sizes
 from defectflow.fsutil import atomic_path
 from defectflow.scoring import HEADS, Heads, LoadedModel, load_heads
 from defectflow.stage import logger
@@ -48,14 +48,14 @@ class ExportError(DefectflowError):
 
 
 def _rot90(x: torch.Tensor, k: int) -> torch.Tensor:
-    """``np.rot90(img, k)`` on the (H, W) axes of ``(N, C, H, W)``, from ops ONNX has (no aten::rot90)."""
+    """``np.rot90(img, k)`` on the (H, W) axes of ``(N, H, W, C)``, from ops ONNX has (no aten::rot90)."""
     if k == 0:
         return x
     if k == 1:
-        return x.transpose(2, 3).flip(2)
+        return x.transpose(1, 2).flip(1)
     if k == 2:
-        return x.flip(2).flip(3)
-    return x.transpose(2, 3).flip(3)
+        return x.flip(1).flip(2)
+    return x.transpose(1, 2).flip(2)
 
 
 class FullScorer(nn.Module):
@@ -71,7 +71,6 @@ class FullScorer(nn.Module):
         self.main = heads.scored_by(params) if params is not None else heads.names[0]
         self.fusion = heads.fusion if self.main == "fused" else None
         f = heads.image.features if heads.image is not None else heads.conv.meta["features"]
-        spec = get_backbone(f["backbone"])
         self.size = int(f["image_size"])
         self.sizes = scale_sizes(self.size, f["scales"]) if heads.image is not None else [self.size]
         angles = rotation_angles(n_transforms if heads.image is not None else 1)
@@ -85,10 +84,8 @@ class FullScorer(nn.Module):
         if heads.conv is not None and not heads.shares_pass(params) and heads.image is not None:
             raise ExportError("the conv head and the image head use different backbone inputs: export one head")
         self.quarters = [int(round(a / 90)) % 4 for a in angles]
-        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
-        self.nets = nn.ModuleList([build_backbone(f["backbone"], pretrained=f["pretrained"], weights=f.get("weights"),
-                                                  image_size=s) for s in self.sizes])
+        self.nets = nn.ModuleList([              # the pipeline's backbone graphs: normalise -> maps, pooled
+            backbone_graph(f["backbone"], s, pretrained=f["pretrained"], weights=f.get("weights")) for s in self.sizes])
         self.density = heads.image.density.eval() if heads.image is not None else None
         self.conv = heads.conv.model.eval() if heads.conv is not None else None
         if self.conv is not None:
@@ -129,15 +126,16 @@ class FullScorer(nn.Module):
         return flat.topk(k, dim=1).values.mean(dim=1)
 
     def forward(self, image: torch.Tensor):
-        x = (image.permute(0, 3, 1, 2) - self.mean) / self.std
-        n, t = x.shape[0], len(self.quarters)
-        rots = torch.stack([_rot90(x, k) for k in self.quarters], dim=1)   # (N, T, 3, S, S)
-        flat = rots.reshape(n * t, 3, self.size, self.size)
+        n, t = image.shape[0], len(self.quarters)
+        rots = torch.stack([_rot90(image, k) for k in self.quarters], dim=1)   # (N, T, S, S, 3)
+        flat = rots.reshape(n * t, self.size, self.size, 3)
         pooled, conv_maps = [], None
         for size, net in zip(self.sizes, self.nets):
-            xs = flat if size == self.size else F.avg_pool2d(flat, self.size // size)
-            maps = net(xs)
-            pooled.append(torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1))
+            xs = flat
+            if size != self.size:                                   # area downscale by an integer factor
+                xs = F.avg_pool2d(flat.permute(0, 3, 1, 2), self.size // size).permute(0, 2, 3, 1)
+            *maps, p = net(xs)
+            pooled.append(p)
             if size == self.size and conv_maps is None:
                 conv_maps = [m.reshape(n, t, *m.shape[1:])[:, 0] for m in maps]   # the unrotated pass
         out = {}
