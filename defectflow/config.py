@@ -171,9 +171,12 @@ class TrainParams(_Strict):
     fit_threads: int = Field(1, ge=1, le=256, description=(
         "torch threads for the density fit (measured on the shared 2-core box: 1 thread 5x faster than 2 under load)"))
     selection: Literal["val_split", "last_epoch"] = Field("val_split", description=(
-        "val_split: a seeded share of good val images picks the epoch, the rest calibrates the threshold; "
-        "last_epoch: train all epochs, every val image calibrates"))
-    select_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="share of good val images used to pick the epoch")
+        "val_split: a seeded share of good val images picks the epoch, another standardises the heads' scores "
+        "(fused), the rest calibrates the threshold; last_epoch: train all epochs, no val image picks one"))
+    select_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of good val images used to pick the epoch")
+    standardise_fraction: float = Field(0.25, gt=0.0, lt=1.0, description=(
+        "both heads: share of good val images whose scores standardise each head (fusion.json); "
+        "never the ones that pick the epoch or calibrate the threshold"))
     feature_cache: bool = Field(True, description="cache backbone features per image under .cache/defectflow/features")
     on_bad_image: Literal["error", "skip"] = Field("error", description=(
         "unreadable / truncated image: stop with its path, or skip it and list it in the card / log"))
@@ -182,6 +185,9 @@ class TrainParams(_Strict):
     def _scales_ok(self):
         if any(not (0.0 < s <= 1.0) for s in self.scales):
             raise ValueError("scales must each be in (0, 1]")
+        if self.select_fraction + self.standardise_fraction >= 0.95:
+            raise ValueError("select_fraction + standardise_fraction must leave at least 5% of the good val images "
+                             "to calibrate the threshold")
         return self
 
     @property
@@ -196,9 +202,12 @@ class TrainParams(_Strict):
 
 
 class ThresholdParams(_Strict):
-    method: Literal["target_tpr", "f1"] = "target_tpr"
+    method: Literal["target_fpr", "target_tpr", "f1"] = Field("target_fpr", description=(
+        "target_fpr: the false-alarm rate the line can afford, from good calibration images (conformal); "
+        "target_tpr / f1: need defective validation images (else target_fpr is used, and said)"))
+    target_fpr: float = Field(0.05, gt=0.0, lt=1.0, description=(
+        "share of good products the line can afford to flag; needs at least 1/target_fpr - 1 good calibration images"))
     target_tpr: float = Field(0.85, gt=0.0, le=1.0)
-    fallback_fpr: float = Field(0.05, gt=0.0, lt=1.0, description="used when validation has no defective images")
     review_quantile: float = Field(0.90, gt=0.0, lt=1.0, description=(
         "operator bands: below low = min(threshold, this quantile of good val scores) 'good'; "
         "at or above high = max(threshold, highest good val score) 'bad'; between them 'review'"))

@@ -31,6 +31,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from defectflow.annotate import annotate_videos
 from defectflow.config import Params
 from defectflow.errors import DefectflowError
+from defectflow.false_alarms import false_alarm_summary
 from defectflow.manifest import SCORES, SYNTH, VERDICTS, read_manifest, write_manifest
 from defectflow.report import hist_plot, roc_plot, write_report
 from defectflow.scoring import HEADS, MODEL_FILE, product_verdicts, score_with_maps, select_rows
@@ -235,6 +236,13 @@ def run(params: Params, inp: Path, model_dir: Path, threshold_path: Path, out_di
                                     + "; ".join(p for p, _ in skipped))
         metrics.update(product_metrics(verdicts))
         metrics["threshold_method"] = thr_info.get("method_used")
+        metrics["false_alarms"] = fa = false_alarm_summary(
+            scored.loc[scored["label"] == "good", "score"], threshold, thr_info)
+        if fa["shift"] and fa["shift"]["shifted"]:
+            metrics["notes"].append(fa["shift"]["message"])
+        if fa["test_holds_target"] is False:
+            metrics["notes"].append(f"test false-alarm rate {fa['test']['rate']:.3g} (95% CI {fa['test']['ci95'][0]:.3g}-"
+                                    f"{fa['test']['ci95'][1]:.3g}) is above the target {fa['target']:g}")
         if test.empty:
             metrics["notes"].append("no test images (split=test, is_center)")
         roc = roc_table(scored["score"], scored["label"])

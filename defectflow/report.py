@@ -49,6 +49,13 @@ _TEMPLATE = """<!doctype html>
 {% for b in band_rows %}<tr><td><span class="tag {{ b.tag }}">{{ b.name }}</span></td><td class="num">{{ b.range }}</td>
 {% if bands.test_counts %}<td class="num">{{ bands.test_counts.good[b.name] }}</td><td class="num">{{ bands.test_counts.defect[b.name] }}</td>{% endif %}</tr>{% endfor %}
 </table>{% endif %}
+{% if fa %}<h2>False alarms (good products flagged)</h2>
+<table><tr><th></th><th>rate</th><th>good images</th><th>95% interval</th></tr>
+{% for r in fa_rows %}<tr><th>{{ r.name }}</th><td class="num">{{ r.rate }}</td><td class="num">{{ r.n }}</td><td class="num">{{ r.ci }}</td></tr>{% endfor %}
+</table>
+{% if fa.shift %}<p{% if fa.shift.shifted %} class="note"{% endif %}>Good test images against the good calibration images:
+{% if fa.shift.shifted %}{{ fa.shift.message }}{% else %}no shift seen (p = {{ "%.2g"|format([fa.shift.p_mannwhitney, fa.shift.p_ks]|min) }}, {{ fa.shift.test }}).{% endif %}</p>{% endif %}
+{% endif %}
 <h2>Metrics (test images)</h2>
 <table>
 {% for key, value in metric_rows %}<tr><th>{{ key }}</th><td class="num">{{ value }}</td></tr>{% endfor %}
@@ -125,6 +132,8 @@ def write_report(path: Path, metrics: dict, verdicts: pd.DataFrame, scores: pd.D
         band_rows = [{"name": "good", "tag": "good", "range": f"< {lo:.4g}"},
                      {"name": "review", "tag": "unknown", "range": f"{lo:.4g} to {hi:.4g}"},
                      {"name": "bad", "tag": "defect", "range": f">= {hi:.4g}"}]
+    fa = metrics.get("false_alarms")
+    fa_rows = _false_alarm_rows(fa) if fa else []
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
     html = env.from_string(_TEMPLATE).render(
         generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), threshold=threshold, method_used=method_used,
@@ -133,10 +142,22 @@ def write_report(path: Path, metrics: dict, verdicts: pd.DataFrame, scores: pd.D
         per_type=per_type, bands=bands, band_rows=band_rows, notes=list(notes or []) + list(metrics.get("notes") or []),
         roc_png=base64.b64encode(roc_png).decode() if roc_png else None,
         hist_png=base64.b64encode(hist_png).decode() if hist_png else None, flagged=flagged,
-        has_overlays=bool(overlays), overlay_title=overlay_title)
+        has_overlays=bool(overlays), overlay_title=overlay_title, fa=fa, fa_rows=fa_rows)
     with atomic_path(path) as tmp:
         tmp.write_text(html, encoding="utf-8")
     return path
+
+
+def _false_alarm_rows(fa: dict) -> list[dict]:
+    def ci(r):
+        return f"{r['ci95'][0]:.3g} - {r['ci95'][1]:.3g}" if r.get("ci95") else ""
+    rows = [{"name": "target (threshold.target_fpr)", "rate": _fmt(fa.get("target")), "n": "", "ci": ""}]
+    if fa.get("expected") is not None:
+        rows.append({"name": "promised by the conformal threshold", "rate": _fmt(fa["expected"]), "n": "", "ci": ""})
+    rows.append({"name": "validation (calibration images)", "rate": _fmt(fa["val"]["rate"]), "n": fa["val"]["n"],
+                 "ci": ci(fa["val"])})
+    rows.append({"name": "test", "rate": _fmt(fa["test"]["rate"]), "n": fa["test"]["n"], "ci": ci(fa["test"])})
+    return rows
 
 
 # ------------------------------------------------------------------ plots

@@ -501,17 +501,19 @@ def score_items(df: pd.DataFrame, model_dir: Path | str, params: Params, *,
 
 def calibration_rows(val: pd.DataFrame, model_dir: Path | str) -> tuple[pd.DataFrame, str]:
     """The validation rows the threshold may use: every defective / unknown one, and the good ones
-    the train stage left for calibration (``val_split.json``), never those that picked the epoch."""
+    the train stage left for calibration (``val_split.json``), never those that picked the epoch or
+    standardised the heads' scores."""
     import json
 
     file = Path(model_dir) / VAL_SPLIT_FILE
     if not file.is_file():
         return val, "all validation images (model folder has no val_split.json)"
     info = json.loads(file.read_text())
-    used = set(info.get("select") or [])
+    n_sel, n_std = len(info.get("select") or []), len(info.get("standardise") or [])
+    used = set(info.get("select") or []) | set(info.get("standardise") or [])
     keep = ~(val["item_id"].astype(str).isin(used) & (val["label"] == "good"))
-    return val[keep], (f"{int((~keep).sum())} good val images that picked the epoch are left out "
-                       f"(train.selection: {info.get('selection')})")
+    return val[keep], (f"{int((~keep).sum())} good val images are left out: {n_sel} picked the epoch, "
+                       f"{n_std} standardised the heads' scores (train.selection: {info.get('selection')})")
 
 
 def select_rows(df: pd.DataFrame, split: str) -> pd.DataFrame:

@@ -2,26 +2,30 @@
 
 An image is predicted defective when ``score >= threshold``. Methods (``threshold.method``):
 
+- ``target_fpr`` (default): the false-alarm rate the line can afford, ``threshold.target_fpr``,
+  from the good calibration images alone: a split-conformal quantile
+  (:func:`defectflow.false_alarms.conformal_threshold`), so future good images are flagged at
+  most at that rate while they score like the calibration ones. Too few good images for the rate
+  asked: the largest good score, and the stage says how many good images the rate needs.
 - ``target_tpr`` (seed 000): among thresholds whose TPR >= ``target_tpr``, the one with the
   lowest FPR (ties: the highest TPR, i.e. the lowest such threshold).
 - ``f1`` (seed 003): the threshold with the highest F1 on validation.
 
-If validation has no defective images (usual in a plant and for the MVTec ``images``
-source) it falls back to the ``1 - fallback_fpr`` quantile of the good validation scores
-(about ``fallback_fpr`` of good images flagged) and says so (``method_used``).
-Fewer than 2 good validation images stop the stage.
+``target_tpr`` and ``f1`` need defective validation images; without them (usual in a plant and
+for the MVTec ``images`` source) the stage uses ``target_fpr`` and says so (``method_used``).
+Fewer than 2 good calibration images stop the stage.
 
-Only *calibration* validation images are used: the good ones that picked the training epoch
-(``model/val_split.json``) are left out, so the threshold is not fitted on images the model
-was selected on. Operator bands (:func:`fit_bands`): ``good`` below ``low``, ``review`` from
-``low`` to ``high``, ``bad`` at or above ``high``.
+Only *calibration* validation images are used: the good ones that picked the training epoch or
+standardised the heads' scores (``model/val_split.json``) are left out, so the threshold is not
+fitted on images the model was selected or scaled on. Operator bands (:func:`fit_bands`): ``good``
+below ``low``, ``review`` from ``low`` to ``high``, ``bad`` at or above ``high``.
 
 The threshold is fitted on ``score``: the ``train.score_from`` head's. With a conv head the
 stage also fits the **map threshold** (``threshold.json["conv"]``): a map pixel at or above it is
 defective, its connected regions are the boxes. It is the image threshold itself when the conv head
-scores (``score_from: conv``, ``maps.score: max``: a flagged image then has a pixel over it), else
-the ``1 - fallback_fpr`` quantile of the good calibration images' map maxima (about
-``fallback_fpr`` of good images get a box). Also the overlay colour range: ``vmin`` = median of
+scores from its map maximum (``score_from: conv``, ``maps.score: max``), else the conformal
+``target_fpr`` threshold of the good calibration images' map maxima (at most about
+``target_fpr`` of good images get a box). Also the overlay colour range: ``vmin`` = median of
 the good calibration maps, ``vmax = vmin + 3 (map threshold - vmin)``.
 
 Writes ``threshold.json`` (atomically) and the scored validation rows (SCORES schema).
@@ -37,6 +41,7 @@ from sklearn.metrics import roc_auc_score
 
 from defectflow.config import Params
 from defectflow.errors import DefectflowError
+from defectflow.false_alarms import conformal_threshold
 from defectflow.fsutil import atomic_path
 from defectflow.manifest import SCORES, SYNTH, read_manifest, write_manifest
 from defectflow.scoring import HEADS, calibration_rows, load_heads, score_with_maps, select_rows
@@ -44,6 +49,7 @@ from defectflow.stage import StageReport, logger, manifest_path
 
 log = logger("threshold")
 MIN_GOOD = 2
+METHODS = ("target_fpr", "target_tpr", "f1")
 
 
 class ThresholdError(DefectflowError):
@@ -57,11 +63,12 @@ def _rates(scores: np.ndarray, y: np.ndarray, t: float) -> tuple[float, float]:
     return tpr, fpr
 
 
-def fit_threshold(scores, labels, method: str = "target_tpr", target_tpr: float = 0.85,
-                  fallback_fpr: float = 0.05) -> dict:
+def fit_threshold(scores, labels, method: str = "target_fpr", target_tpr: float = 0.85,
+                  target_fpr: float = 0.05) -> dict:
     """Fit a threshold on validation ``scores`` with ``labels`` (good / defect; others ignored).
 
-    Returns ``{threshold, method, method_used, note, n_good, n_defect, tpr, fpr}``.
+    Returns ``{threshold, method, method_used, note, n_good, n_defect, tpr, fpr, conformal}``
+    (``conformal``: :func:`~defectflow.false_alarms.conformal_threshold`'s fit when it was used).
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=object)
@@ -72,14 +79,23 @@ def fit_threshold(scores, labels, method: str = "target_tpr", target_tpr: float 
         raise ThresholdError(f"need at least {MIN_GOOD} good validation images to fit a threshold, got {n_good}")
     if not np.isfinite(scores).all():
         raise ThresholdError("validation scores contain NaN or inf")
-    note = ""
-    if n_defect == 0:
-        method_used = "fallback_fpr"
-        threshold = float(np.quantile(scores[~y], 1.0 - fallback_fpr))
-        note = (f"validation has no defective images: threshold = {1 - fallback_fpr:.3f} quantile of "
-                f"{n_good} good validation scores (threshold.fallback_fpr = {fallback_fpr})")
-    elif method == "target_tpr":
-        method_used = "target_tpr"
+    if method not in METHODS:
+        raise ThresholdError(f"threshold.method: unknown method '{method}' ({', '.join(METHODS)})")
+    notes, conformal = [], None
+    method_used = method
+    if method != "target_fpr" and n_defect == 0:
+        method_used = "target_fpr"
+        notes.append(f"validation has no defective images: threshold.method {method} needs them, so the threshold "
+                     f"holds the false-alarm rate threshold.target_fpr = {target_fpr:g} instead")
+    if method_used == "target_fpr":
+        conformal = conformal_threshold(scores[~y], target_fpr)
+        threshold = conformal["threshold"]
+        notes.append(f"threshold = the {conformal['k']}-th lowest of {n_good} good calibration scores (conformal: "
+                     f"future good images flagged at a rate of at most {conformal['expected_fpr']:.3g}, "
+                     f"target {target_fpr:g})")
+        if not conformal["enough"]:
+            notes.append(conformal["note"])
+    elif method_used == "target_tpr":
         cands = np.unique(scores)                       # ascending; t = s flags every score >= s
         best = None
         for t in cands:
@@ -87,8 +103,7 @@ def fit_threshold(scores, labels, method: str = "target_tpr", target_tpr: float 
             if tpr >= target_tpr and (best is None or fpr < best[1] or (fpr == best[1] and tpr > best[2])):
                 best = (t, fpr, tpr)
         threshold = float(best[0])                      # t = min score always reaches TPR 1
-    elif method == "f1":
-        method_used = "f1"
+    else:
         best = None
         for t in np.unique(scores):
             pred = scores >= t
@@ -97,11 +112,9 @@ def fit_threshold(scores, labels, method: str = "target_tpr", target_tpr: float 
             if best is None or f1 > best[1]:
                 best = (t, f1)
         threshold = float(best[0])
-    else:
-        raise ThresholdError(f"threshold.method: unknown method '{method}' (target_tpr, f1)")
     tpr, fpr = _rates(scores, y, threshold)
-    return {"threshold": threshold, "method": method, "method_used": method_used, "note": note,
-            "n_good": n_good, "n_defect": n_defect,
+    return {"threshold": threshold, "method": method, "method_used": method_used, "note": "; ".join(notes),
+            "n_good": n_good, "n_defect": n_defect, "conformal": conformal,
             "tpr": None if np.isnan(tpr) else tpr, "fpr": None if np.isnan(fpr) else fpr}
 
 
@@ -137,22 +150,22 @@ def band_of(scores, low: float, high: float) -> np.ndarray:
 def fit_map_threshold(scored, amaps: np.ndarray, threshold: float, scored_by: str, params: Params) -> dict:
     """The conv head's map (pixel / box) threshold and overlay colour range from calibration rows.
 
-    ``score_from: conv`` with ``maps.score: max``: the image threshold itself. Otherwise the
-    ``1 - threshold.fallback_fpr`` quantile of the good calibration images' map maxima.
+    ``score_from: conv`` with ``maps.score: max``: the image threshold itself. Otherwise the conformal
+    ``threshold.target_fpr`` threshold of the good calibration images' map maxima.
     """
     lab = scored["label"].to_numpy()
     good = lab == "good"
     if amaps is None or not good.any():
         raise ThresholdError("no good calibration maps to fit the conv head's map threshold on")
     gmaps = amaps[good]
-    fpr = params.threshold.fallback_fpr
+    fpr = params.threshold.target_fpr
     if scored_by == "conv" and params.maps.score == "max":
         thr, rule = float(threshold), "the image threshold (score_from conv, maps.score max)"
     else:
-        maxima = gmaps.reshape(len(gmaps), -1).max(axis=1)
-        thr = float(np.quantile(maxima, 1.0 - fpr))
-        rule = (f"{1 - fpr:.3f} quantile of the map maxima of {int(good.sum())} good calibration images "
-                f"(threshold.fallback_fpr = {fpr})")
+        fit = conformal_threshold(gmaps.reshape(len(gmaps), -1).max(axis=1), fpr)
+        thr = fit["threshold"]
+        rule = (f"the {fit['k']}-th lowest map maximum of {fit['n']} good calibration images (conformal, "
+                f"threshold.target_fpr = {fpr:g})")
     vmin = float(np.median(gmaps))
     vmax = vmin + 3.0 * max(thr - vmin, 1e-6)
     s = scored[HEADS["conv"]].to_numpy()
@@ -196,7 +209,7 @@ def run(params: Params, inp: Path, model_dir: Path, out_path: Path, scores_path:
     skipped = scored.attrs.get("skipped") or []
     scored_by = scored.attrs["scored_by"]
     tp = params.threshold
-    fit = fit_threshold(scored["score"], scored["label"], tp.method, tp.target_tpr, tp.fallback_fpr)
+    fit = fit_threshold(scored["score"], scored["label"], tp.method, tp.target_tpr, tp.target_fpr)
     bands = fit_bands(scored["score"], scored["label"], fit["threshold"], tp.review_quantile)
     scored["pred_defect"] = scored["score"] >= fit["threshold"]
     conv = None
@@ -205,6 +218,7 @@ def run(params: Params, inp: Path, model_dir: Path, out_path: Path, scores_path:
         _map_summary(scored, amaps, conv["map_threshold"], params)
     del amaps
     s, lab = scored["score"].to_numpy(), scored["label"].to_numpy()
+    s_good = s[lab == "good"]
     auroc = None
     if fit["n_defect"] and fit["n_good"]:
         known = np.isin(lab, ["good", "defect"])
@@ -222,6 +236,9 @@ def run(params: Params, inp: Path, model_dir: Path, out_path: Path, scores_path:
         "bands": bands,
         "calibration": calib_note,
         "skipped_images": [{"path": p, "error": m} for p, m in skipped],
+        "target_fpr": tp.target_fpr,
+        "conformal": fit["conformal"],
+        "calibration_good_scores": sorted(float(v) for v in s_good),
         "val": {"n": int(len(scored)), "n_good": fit["n_good"], "n_defect": fit["n_defect"],
                 "n_unknown": int((~np.isin(lab, ["good", "defect"])).sum()),
                 "tpr": fit["tpr"], "fpr": fit["fpr"], "auroc": auroc,

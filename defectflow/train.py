@@ -6,15 +6,16 @@ Reads ``inp/manifest.parquet`` (SYNTH schema) and writes into ``out_dir`` (atomi
 - ``card.json``        params used, n_train, timings, final and best losses
 - ``train_loss.csv``   ``epoch,train_nll,val_nll`` per epoch (DVC plots)
 
-- ``val_split.json``   which good validation images picked the epoch (``select``) and which
-                       are left to calibrate the threshold (``calibrate``)
+- ``val_split.json``   which good validation images picked the epoch (``select``), standardised
+                       the heads' scores (``standardise``) and are left to calibrate the threshold
+                       (``calibrate``)
 - ``density.onnx``     the density head alone (pooled features in, score out) for ONNX Runtime
 - ``conv.pt``          the conv head (``train.head: conv | both``): fully convolutional density model
                        on unpooled maps of ``train.conv.levels``, one rotation per image; per level the
                        epoch with the lowest selection-part val NLL; ``conv_loss.csv`` its curve;
                        ``conv.onnx`` its ONNX export (maps in, log-likelihood maps out)
-- ``fusion.json``      both heads: mean / std of each head's scores on the good validation images
-                       (both parts), for ``train.score_from: fused``
+- ``fusion.json``      both heads: mean / std of each head's scores on the standardisation part of
+                       the good validation images, for ``train.score_from: fused``
 
 ``model.pt``, ``density.onnx`` are written for ``train.head: image | both``; ``card.json`` has a
 ``heads`` list and a ``conv`` section when the conv head is trained.
@@ -22,10 +23,12 @@ Reads ``inp/manifest.parquet`` (SYNTH schema) and writes into ``out_dir`` (atomi
 Training rows: ``split == train`` and ``label == good`` -- every window frame, augmented
 copy and synthetic image. Each gives ``train.n_transforms`` rotated feature vectors.
 Validation rows (``split == val``, good, ``is_center`` originals) are split, seeded, into a
-*selection* part (``train.select_fraction``: its NLL picks the epoch and stops training) and a
-*calibration* part that the threshold stage uses alone -- so the images that chose the epoch
-never also set the threshold (that bias gave 7 % FPR on val but 30 % on bottle's test goods).
-``train.selection: last_epoch`` trains every epoch and leaves all val images to calibration.
+*selection* part (``train.select_fraction``: its NLL picks the epoch and stops training), with
+fusion a *standardisation* part (``train.standardise_fraction``: ``fusion.json``), and a
+*calibration* part that the threshold stage uses alone -- so the images that chose the epoch or
+scaled the scores never also set the threshold (reused images make good images score lower on
+validation than anywhere else, and the false-alarm rate fitted there does not hold).
+``train.selection: last_epoch`` trains every epoch and picks with no val image.
 Test rows are never read. Backbone features come from the on-disk feature cache when present.
 """
 from __future__ import annotations
@@ -72,28 +75,38 @@ def validation_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 MIN_CALIBRATE = 2
+MIN_STANDARDISE = 2
 
 
 def split_validation(val_df: pd.DataFrame, seed: int, select_fraction: float, selection: str,
-                     origin: str = "validation") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(selection rows, calibration rows) of the good validation rows, seeded and order-independent.
+                     origin: str = "validation", standardise_fraction: float = 0.0
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(selection, standardisation, calibration) rows of the good validation rows, seeded and
+    order-independent: three disjoint parts, so the images that pick the epoch, those that scale the
+    heads' scores (``standardise_fraction``, 0 without fusion) and those that set the threshold are
+    never the same.
 
-    Raises TrainError when the split is too small: selection needs 1 image and calibration
-    :data:`MIN_CALIBRATE` (the threshold stage's minimum).
+    Raises TrainError when the split is too small: selection needs 1 image (when asked for),
+    standardisation :data:`MIN_STANDARDISE` (a std) and calibration :data:`MIN_CALIBRATE` (the threshold
+    stage's minimum).
     """
-    if selection == "last_epoch":
-        return val_df.iloc[:0], val_df
     n = len(val_df)
-    n_sel = int(round(n * select_fraction))
-    n_sel = min(max(n_sel, 1), n - MIN_CALIBRATE)
-    if n < 1 + MIN_CALIBRATE or n_sel < 1:
-        raise TrainError(f"{origin}: {n} good validation image(s) (split=val, is_center); train.selection "
-                         f"val_split needs at least {1 + MIN_CALIBRATE} (1 to pick the epoch, {MIN_CALIBRATE} to "
-                         "calibrate the threshold): raise source.val_fraction, add good images, or set "
-                         "train.selection: last_epoch")
+    want_sel = selection != "last_epoch"
+    n_min_std = MIN_STANDARDISE if standardise_fraction > 0 else 0
+    need = MIN_CALIBRATE + int(want_sel) + n_min_std
+    if n < need:
+        raise TrainError(f"{origin}: {n} good validation image(s) (split=val, is_center); need at least {need} "
+                         f"({'1 to pick the epoch, ' if want_sel else ''}"
+                         f"{f'{n_min_std} to standardise the heads, ' if n_min_std else ''}"
+                         f"{MIN_CALIBRATE} to calibrate the threshold): raise source.val_fraction, add good images"
+                         + (", or set train.selection: last_epoch" if want_sel else ""))
+    n_sel = min(max(int(round(n * select_fraction)), 1), n - need + 1) if want_sel else 0
+    n_std = (min(max(int(round(n * standardise_fraction)), n_min_std), n - n_sel - MIN_CALIBRATE)
+             if n_min_std else 0)
     ordered = val_df.sort_values("item_id", kind="stable")
     perm = np.random.default_rng(seed).permutation(n)
-    return ordered.iloc[np.sort(perm[:n_sel])], ordered.iloc[np.sort(perm[n_sel:])]
+    parts = np.split(perm, [n_sel, n_sel + n_std])
+    return tuple(ordered.iloc[np.sort(p)] for p in parts)
 
 
 def _pooled_features(fx: FeatureExtractor, df: pd.DataFrame, n_transforms: int, on_bad_image: str,
@@ -114,7 +127,9 @@ def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
     if train_df.empty:
         raise TrainError(f"{src}: no good training images (rows with split=train and label=good); "
                          "check the source's splits and labels")
-    sel_df, cal_df = split_validation(val_df, params.seed, tp.select_fraction, tp.selection, str(src))
+    fused = len(tp.heads) == 2          # fusion.json is written whenever both heads are: score_from may change later
+    sel_df, std_df, cal_df = split_validation(val_df, params.seed, tp.select_fraction, tp.selection, str(src),
+                                              tp.standardise_fraction if fused else 0.0)
     with stage_run("train", out_dir) as (out, report):
         t0 = time.perf_counter()
         seed_everything(params.seed)
@@ -127,19 +142,20 @@ def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
                                                  card, skipped)
         if "conv" in tp.heads:
             train_df, sel_df = _train_conv_head(params, src, train_df, sel_df, out, report, card, skipped)
-        if len(tp.heads) == 2:
-            _write_fusion(params, pd.concat([sel_df, cal_df]), out, report, card)
-        selection = (f"epoch with the lowest NLL on {len(sel_df)} good val images (selection part); "
-                     f"{len(cal_df)} other good val images calibrate the threshold"
-                     if len(sel_df) else
-                     f"last epoch (train.selection: {tp.selection}); all {len(cal_df)} good val images calibrate")
+        if fused:
+            _write_fusion(params, std_df, out, report, card)
+        selection = ((f"epoch with the lowest NLL on {len(sel_df)} good val images (selection part)"
+                      if len(sel_df) else f"last epoch (train.selection: {tp.selection})")
+                     + (f"; {len(std_df)} other good val images standardise the heads' scores" if len(std_df) else "")
+                     + f"; {len(cal_df)} other good val images calibrate the threshold")
         card.update({"model_selection": selection, "n_train_images": int(len(train_df)),
                      "n_val_images": int(len(val_df)), "n_val_select": int(len(sel_df)),
-                     "n_val_calibrate": int(len(cal_df)),
+                     "n_val_standardise": int(len(std_df)), "n_val_calibrate": int(len(cal_df)),
                      "skipped_images": [{"path": p, "error": m} for p, m in skipped]})
         split_file, _ = out.path(VAL_SPLIT_FILE)
         split_file.write_text(json.dumps({"selection": tp.selection, "seed": params.seed,
                                           "select": sorted(sel_df["item_id"].astype(str)),
+                                          "standardise": sorted(std_df["item_id"].astype(str)),
                                           "calibrate": sorted(cal_df["item_id"].astype(str))}, indent=2) + "\n")
         card["train_seconds"] = round(time.perf_counter() - t0, 2)
         card["card_seconds"] = card["train_seconds"]
@@ -280,7 +296,8 @@ def _write_fusion(params: Params, good_df: pd.DataFrame, out, report, card: dict
     heads = load_heads(out.tmp)
     single = params.model_copy(update={"train": params.train.model_copy(update={"score_from": "image"})})
     scored = score_with_maps(good_df, out.tmp, single, model=heads, progress=True)[0]
-    source = f"{len(scored)} good validation images (selection and calibration parts; never test images)"
+    source = (f"{len(scored)} good validation images (the standardisation part: never those that pick the epoch "
+              "or calibrate the threshold, never test images)")
     stats = fusion_stats({h: scored[HEADS[h]].to_numpy() for h in heads.names}, source)
     file, final = out.path(FUSION_FILE)
     file.write_text(json.dumps(stats, indent=2) + "\n")

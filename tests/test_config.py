@@ -11,7 +11,7 @@ def test_project_params_load_with_expected_defaults():
     p = load_params(ROOT / "params.yaml")
     assert p.masks.shrink == pytest.approx(0.10)
     assert p.train.backbone == "efficientnet_lite0"
-    assert p.threshold.method == "target_tpr"
+    assert p.threshold.method == "target_fpr" and p.threshold.target_fpr == 0.05
     assert p.synth.enabled is False
 
 

@@ -106,7 +106,7 @@ def test_head_both_threshold_fits_a_map_threshold(both):
     root, _, _, thr, _ = both
     assert thr["score_from"] == "image" and thr["heads"] == ["image", "conv"]
     conv = thr["conv"]
-    assert "quantile of the map maxima" in conv["rule"] and conv["vmin"] < conv["map_threshold"] < conv["vmax"]
+    assert "lowest map maximum" in conv["rule"] and "conformal" in conv["rule"] and conv["vmin"] < conv["map_threshold"] < conv["vmax"]
     val = read_manifest(root / "val.parquet", SCORES)
     assert np.allclose(val["score"], val["score_image"]) and val["score_conv"].notna().all()
     assert val["map_area"].between(0, 1).all() and val["n_boxes"].notna().all()
@@ -157,14 +157,16 @@ def test_fused_score_is_the_mean_of_standardised_head_scores(both, tmp_path):
     fusion = json.loads((root / "model" / FUSION_FILE).read_text())
     card = json.loads((root / "model" / "card.json").read_text())
     assert set(fusion["heads"]) == {"image", "conv"} and card["fusion"] == fusion
-    assert fusion["heads"]["image"]["n"] == card["n_val_images"] == 6 and "never test" in fusion["source"]
+    assert fusion["heads"]["image"]["n"] == card["n_val_standardise"] == 2 and "never test" in fusion["source"]
+    split = json.loads((root / "model" / "val_split.json").read_text())
     params = _params(head="both", score_from="fused")
     df = read_manifest(inp / "manifest.parquet", SYNTH)
     got = score_items(df[df.split == "test"], root / "model", params)
     z = [(got[HEADS[h]] - v["mean"]) / v["std"] for h, v in fusion["heads"].items()]
     assert np.allclose(got["score"], (z[0] + z[1]) / 2)
-    # the stats come from the good val images: their fused scores are centred on 0
-    assert abs(score_items(df[df.split == "val"], root / "model", params)["score"].mean()) < 1e-6
+    # the stats come from the standardisation part of the good val images: their fused scores are centred on 0
+    std_rows = df[df.item_id.isin(split["standardise"])]
+    assert abs(score_items(std_rows, root / "model", params)["score"].mean()) < 1e-6
     threshold.run(params, inp, root / "model", tmp_path / "t.json", tmp_path / "v.parquet")
     evaluate.run(params, inp, root / "model", tmp_path / "t.json", tmp_path / "rep")
     m = json.loads((tmp_path / "rep" / "metrics.json").read_text())

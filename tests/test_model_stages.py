@@ -83,7 +83,7 @@ def _onnx_cache(private_cache):
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    inp, df = make_dataset(root)
+    inp, df = make_dataset(root, n_val=6)
     params = _params()
     train.run(params, inp, root / "model")
     threshold.run(params, inp, root / "model", root / "threshold.json", root / "val_scores.parquet")
@@ -95,7 +95,7 @@ def pipeline(tmp_path_factory):
 def test_train_writes_model_card_and_loss_curve(pipeline):
     root, _, _ = pipeline
     card = json.loads((root / "model" / "card.json").read_text())
-    assert card["n_train_images"] == 20 and card["n_val_images"] == 4
+    assert card["n_train_images"] == 20 and card["n_val_images"] == 6
     assert card["params"]["train"]["hidden"] == 64 and card["features"]["feature_dim"] == 944
     loss = pd.read_csv(root / "model" / "train_loss.csv")
     assert list(loss.columns) == ["epoch", "train_nll", "val_nll"] and 1 <= len(loss) <= TRAIN["epochs"]
@@ -106,16 +106,21 @@ def test_train_writes_model_card_and_loss_curve(pipeline):
     assert model.density.dim == 944 and model.features["backbone"] == "efficientnet_lite0"
 
 
-def test_threshold_falls_back_without_defective_validation_images(pipeline):
+def test_threshold_holds_a_false_alarm_rate_from_disjoint_calibration_images(pipeline):
     root, _, _ = pipeline
     info = json.loads((root / "threshold.json").read_text())
-    assert info["method"] == "target_tpr" and info["method_used"] == "fallback_fpr"
-    assert "no defective images" in info["note"]
-    # 4 good val images: 2 picked the epoch, the other 2 calibrate the threshold
+    assert info["method"] == "target_fpr" and info["method_used"] == "target_fpr"
+    # 6 good val images: 2 picked the epoch, 2 standardised the heads, 2 calibrate the threshold:
+    # too few for a 5% rate, and the note says how many it needs
     assert info["val"]["n_good"] == 2 and info["val"]["n_defect"] == 0
+    assert "too few" in info["note"] and "at least 19" in info["note"]
+    assert info["conformal"]["enough"] is False and info["threshold"] == max(info["calibration_good_scores"])
     split = json.loads((root / "model" / "val_split.json").read_text())
-    assert len(split["select"]) == 2 and len(split["calibrate"]) == 2
-    assert not set(split["select"]) & set(split["calibrate"])
+    assert [len(split[k]) for k in ("select", "standardise", "calibrate")] == [2, 2, 2]
+    parts = [set(split[k]) for k in ("select", "standardise", "calibrate")]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    fusion = json.loads((root / "model" / "fusion.json").read_text())
+    assert [v["n"] for v in fusion["heads"].values()] == [2, 2]
     val = read_manifest(root / "val_scores.parquet", SCORES)
     assert sorted(val["item_id"]) == split["calibrate"] and val["score"].notna().all()
     b = info["bands"]
@@ -144,7 +149,7 @@ def test_evaluate_writes_metrics_plots_and_report(pipeline):
     assert list(hist.columns) == ["score", "count", "good", "defect", "unknown"] and hist["count"].sum() == 8
     html = (rep / "report.html").read_text()
     assert "data:image/png;base64," in html and "http" not in html
-    assert "Operator bands" in html and "no defective images" in html
+    assert "Operator bands" in html and "False alarms" in html and "too few" in html
     assert (rep / "roc.png").stat().st_size > 1000 and (rep / "scores_hist.png").is_file()
 
 
@@ -224,12 +229,14 @@ def test_f1_threshold():
     assert fit["threshold"] == 0.25 and fit["method_used"] == "f1" and fit["tpr"] == 1.0
 
 
-def test_fallback_quantile_without_defects_and_unknown_ignored():
+def test_target_fpr_without_defects_and_unknown_ignored():
     scores = np.linspace(0, 1, 101)
     labels = ["good"] * 101
-    fit = fit_threshold(np.r_[scores, 5.0], labels + ["unknown"], "target_tpr", fallback_fpr=0.05)
-    assert fit["method_used"] == "fallback_fpr" and fit["threshold"] == pytest.approx(0.95)
-    assert fit["fpr"] == pytest.approx(0.05, abs=0.01) and fit["n_defect"] == 0
+    fit = fit_threshold(np.r_[scores, 5.0], labels + ["unknown"], "target_tpr", target_fpr=0.05)
+    # target_tpr needs defects: the conformal rule, k = ceil(102 * 0.95) = 97th lowest score
+    assert fit["method_used"] == "target_fpr" and "no defective images" in fit["note"]
+    assert fit["threshold"] == pytest.approx(0.96) and fit["conformal"]["k"] == 97
+    assert fit["fpr"] == pytest.approx(5 / 101) and fit["n_defect"] == 0
 
 
 def test_too_few_good_validation_images():
@@ -322,7 +329,7 @@ def test_truncated_images_stop_with_the_path_or_are_skipped(tmp_path):
 
 
 def test_train_skips_and_lists_bad_images_when_told(tmp_path):
-    inp, df = make_dataset(tmp_path, n_train=8, n_val=3, n_test_good=0, n_test_defect=0)
+    inp, df = make_dataset(tmp_path, n_train=8, n_val=5, n_test_good=0, n_test_defect=0)
     bad = df[df.split == "train"].image_path.iloc[2]
     with open(bad, "r+b") as f:
         f.truncate(100)
@@ -336,18 +343,19 @@ def test_train_skips_and_lists_bad_images_when_told(tmp_path):
 
 def test_validation_split_too_small_is_a_clear_error(tmp_path):
     inp, _ = make_dataset(tmp_path, n_train=6, n_val=2, n_test_good=0, n_test_defect=0)
-    with pytest.raises(train.TrainError, match="needs at least 3"):
+    with pytest.raises(train.TrainError, match="need at least 5"):
         train.run(_params(), inp, tmp_path / "model")
     assert not (tmp_path / "model").exists()
 
 
 def test_split_validation_is_seeded_and_order_independent(tmp_path):
     _, df = make_dataset(tmp_path, n_train=0, n_val=10, n_test_good=0, n_test_defect=0)
-    a = train.split_validation(df, 7, 0.5, "val_split")
-    b = train.split_validation(df.iloc[::-1], 7, 0.5, "val_split")
-    assert list(a[0].item_id) == list(b[0].item_id) and len(a[0]) == 5 and len(a[1]) == 5
-    sel, cal = train.split_validation(df, 7, 0.5, "last_epoch")
-    assert sel.empty and len(cal) == 10
+    a = train.split_validation(df, 7, 0.3, "val_split", standardise_fraction=0.2)
+    b = train.split_validation(df.iloc[::-1], 7, 0.3, "val_split", standardise_fraction=0.2)
+    assert [list(p.item_id) for p in a] == [list(p.item_id) for p in b] and [len(p) for p in a] == [3, 2, 5]
+    assert len(set().union(*(set(p.item_id) for p in a))) == 10
+    sel, std, cal = train.split_validation(df, 7, 0.5, "last_epoch")
+    assert sel.empty and std.empty and len(cal) == 10
 
 
 def test_bootstrap_ci_contains_the_auroc_and_is_seeded():
