@@ -41,7 +41,7 @@ class MapExtractor:
     def __init__(self, backbone: str = "efficientnet_lite0", *, image_size: int = 224,
                  levels: Sequence[int] = (0, 1), pretrained: bool = True,
                  weights: str | os.PathLike | None = None, threads: int = 2, batch_size: int = 16,
-                 cache: str | os.PathLike | None = None):
+                 cache: str | os.PathLike | None = None, input_norm: str = "none"):
         from defectflow.backbones import get_backbone
         from defectflow.features import OnnxBackbone
 
@@ -53,8 +53,9 @@ class MapExtractor:
         self.image_size = int(image_size)
         self.threads = int(threads)
         self.batch_size = int(batch_size)
+        self.input_norm = input_norm
         self.net = OnnxBackbone(backbone, self.image_size, pretrained=pretrained, weights=weights,
-                                threads=threads, cache=cache)
+                                threads=threads, cache=cache, input_norm=input_norm)
         self.weights_id = self.net.weights_id
 
     @property
@@ -68,7 +69,7 @@ class MapExtractor:
     def describe(self) -> dict:
         return {"backbone": self.spec.name, "weights_id": self.weights_id, "image_size": self.image_size,
                 "levels": list(self.levels), "layers": [self.spec.layers[i].name for i in self.levels],
-                "channels": self.channels, "strides": self.strides}
+                "channels": self.channels, "strides": self.strides, "input_norm": self.input_norm}
 
     def prepare(self, images: Sequence[np.ndarray], n_transforms: int = 1) -> np.ndarray:
         """Network input ``(N * T, s, s, 3)`` of float RGB images in [0, 1] (:func:`defectflow.features.prepare`)."""

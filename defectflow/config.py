@@ -150,6 +150,9 @@ class TrainParams(_Strict):
                       "wide_resnet50_2", "resnet18"] = "efficientnet_lite0"
     weights: Optional[str] = Field(None, description="path to backbone weights; default: the packaged ones")
     pretrained: bool = True
+    input_norm: Literal["percentile", "none"] = Field("percentile", description=(
+        "per-image brightness / contrast normalisation before the backbone: the 1st-99th luminance percentiles "
+        "mapped to 0.1-0.9 (illumination drift between sessions, parts of varying darkness); none: as captured"))
     image_size: int = Field(224, ge=32, le=1024)
     scales: tuple[float, ...] = Field((1.0,), min_length=1, max_length=4, description=(
         "image scales whose pooled features feed the density model; each gives the backbone's "

@@ -85,7 +85,8 @@ class FullScorer(nn.Module):
             raise ExportError("the conv head and the image head use different backbone inputs: export one head")
         self.quarters = [int(round(a / 90)) % 4 for a in angles]
         self.nets = nn.ModuleList([              # the pipeline's backbone graphs: normalise -> maps, pooled
-            backbone_graph(f["backbone"], s, pretrained=f["pretrained"], weights=f.get("weights")) for s in self.sizes])
+            backbone_graph(f["backbone"], s, pretrained=f["pretrained"], weights=f.get("weights"),
+                           input_norm=f.get("input_norm", "none")) for s in self.sizes])
         self.density = heads.image.density.eval() if heads.image is not None else None
         self.conv = heads.conv.model.eval() if heads.conv is not None else None
         if self.conv is not None:

@@ -182,25 +182,53 @@ def pool(maps: Sequence[np.ndarray]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ ONNX backbone
+INPUT_NORMS = ("none", "percentile")
+NORM_LOW, NORM_HIGH = 0.1, 0.9      # input_norm percentile: the 1st / 99th luminance percentiles land here
+NORM_MIN_RANGE = 0.05               # ... and contrast is never stretched more than (0.8 / this) times
+
+
+def percentile_stretch(image, image_size: int):
+    """Per-image brightness / contrast normalisation (torch, in the exported graph): the 1st and 99th
+    percentiles of the luminance (on every 4th pixel and row) are mapped to 0.1 and 0.9, then clipped to
+    [0, 1]. Global gain and offset changes (a lamp ageing, exposure drift between sessions, tiles
+    of varying darkness) then no longer move the features; local contrast (the defects) stays."""
+    import torch
+
+    lum = image.mean(dim=3)[:, ::4, ::4].flatten(1)                      # (N, M)
+    k = max(1, int(round(0.01 * ((int(image_size) + 3) // 4) ** 2)))   # static: the graph is per input size
+    hi = lum.topk(k, dim=1).values[:, k - 1]
+    lo = -((-lum).topk(k, dim=1).values[:, k - 1])
+    scale = (NORM_HIGH - NORM_LOW) / torch.clamp(hi - lo, min=NORM_MIN_RANGE)
+    out = (image - lo.view(-1, 1, 1, 1)) * scale.view(-1, 1, 1, 1) + NORM_LOW
+    return torch.clamp(out, 0.0, 1.0)
+
+
 def backbone_graph(name: str, image_size: int, *, pretrained: bool = True,
-                   weights: str | os.PathLike | None = None):
+                   weights: str | os.PathLike | None = None, input_norm: str = "none"):
     """Backbone ``name`` as exported and run: ``image (N, S, S, 3)`` float RGB in [0, 1] (decoded
     images as they come, no layout change or normalisation outside) ``-> (*maps, pooled)``; pooled
-    = global average of every map, concatenated. Torch module, eval mode."""
+    = global average of every map, concatenated. ``input_norm="percentile"`` first applies
+    :func:`percentile_stretch`. Torch module, eval mode."""
     import torch
     from torch import nn
 
     spec = get_backbone(name)
+    if input_norm not in INPUT_NORMS:
+        raise FeatureError(f"input_norm must be one of {', '.join(INPUT_NORMS)}, got {input_norm!r}")
 
     class BackboneGraph(nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
+            self.stretch = input_norm == "percentile"
+            self.size = int(image_size)
             std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
             self.register_buffer("scale", 1.0 / std)
             self.register_buffer("shift", -torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1) / std)
 
         def forward(self, image):
+            if self.stretch:
+                image = percentile_stretch(image, self.size)
             maps = self.inner(image.permute(0, 3, 1, 2) * self.scale + self.shift)
             return (*maps, torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1))
 
@@ -208,11 +236,11 @@ def backbone_graph(name: str, image_size: int, *, pretrained: bool = True,
 
 
 def export_onnx(name: str, image_size: int, path: Path, *, pretrained: bool = True,
-                weights: str | os.PathLike | None = None) -> Path:
+                weights: str | os.PathLike | None = None, input_norm: str = "none") -> Path:
     """Export the feature module of backbone ``name`` for ``image_size`` px inputs to ``path``."""
     import torch
 
-    net = backbone_graph(name, image_size, pretrained=pretrained, weights=weights)
+    net = backbone_graph(name, image_size, pretrained=pretrained, weights=weights, input_norm=input_norm)
     n_maps = len(get_backbone(name).layers)
     dummy = torch.zeros(1, image_size, image_size, 3)
     outputs = [f"map{i}" for i in range(n_maps)] + ["pooled"]
@@ -248,14 +276,16 @@ class OnnxBackbone:
 
     def __init__(self, name: str, image_size: int, *, pretrained: bool = True,
                  weights: str | os.PathLike | None = None, threads: int = 2,
-                 cache: str | os.PathLike | None = None):
-        self.name, self.image_size = name, int(image_size)
+                 cache: str | os.PathLike | None = None, input_norm: str = "none"):
+        self.name, self.image_size, self.input_norm = name, int(image_size), input_norm
         wpath = resolve_weights(name, weights, pretrained)
         self.weights_id = weights_id(wpath)
-        self.path = cache_dir(cache) / "onnx" / f"{name}-{self.weights_id}-{self.image_size}px-v{EXPORT_VERSION}.onnx"
+        tag = "" if input_norm == "none" else f"-{input_norm}"
+        self.path = (cache_dir(cache) / "onnx" /
+                     f"{name}-{self.weights_id}-{self.image_size}px{tag}-v{EXPORT_VERSION}.onnx")
         if not self.path.is_file():
-            log.info("exporting %s (%d px) to %s", name, self.image_size, self.path)
-            export_onnx(name, self.image_size, self.path, pretrained=pretrained, weights=wpath)
+            log.info("exporting %s (%d px, input_norm %s) to %s", name, self.image_size, input_norm, self.path)
+            export_onnx(name, self.image_size, self.path, pretrained=pretrained, weights=wpath, input_norm=input_norm)
         try:
             self.session = ort_session(self.path, threads)
         except Exception as err:  # a truncated / foreign cache file
@@ -340,8 +370,9 @@ class FeatureExtractor:
     def __init__(self, backbone: str = "efficientnet_lite0", *, image_size: int = 224,
                  scales: Sequence[float] = (1.0,), pretrained: bool = True,
                  weights: str | os.PathLike | None = None, threads: int = 2, batch_size: int = 32,
-                 cache: str | os.PathLike | None = None, feature_cache: bool = True):
+                 cache: str | os.PathLike | None = None, feature_cache: bool = True, input_norm: str = "none"):
         self.spec: BackboneSpec = get_backbone(backbone)
+        self.input_norm = input_norm
         self.image_size = int(image_size)
         self.scales = tuple(float(s) for s in scales)
         if not self.scales:
@@ -350,18 +381,19 @@ class FeatureExtractor:
         self.batch_size = int(batch_size)
         self.cache_root = cache_dir(cache)
         self.feature_cache = bool(feature_cache)
-        self.nets = [OnnxBackbone(backbone, s, pretrained=pretrained, weights=weights, threads=threads, cache=cache)
-                     for s in scale_sizes(self.image_size, self.scales)]
+        self.nets = [OnnxBackbone(backbone, s, pretrained=pretrained, weights=weights, threads=threads, cache=cache,
+                                  input_norm=input_norm) for s in scale_sizes(self.image_size, self.scales)]
         self.weights_id = self.nets[0].weights_id
         self.skipped: list[tuple[str, str]] = []
         self.conversions: dict[str, int] = {}
 
     @classmethod
     def from_params(cls, train, cache: str | os.PathLike | None = None, batch_size: int = 32) -> "FeatureExtractor":
-        """Build from ``params.train`` (backbone, weights, pretrained, image_size, scales, threads, feature_cache)."""
+        """Build from ``params.train`` (backbone, weights, pretrained, image_size, scales, threads, feature_cache,
+        input_norm)."""
         return cls(train.backbone, image_size=train.image_size, scales=train.scales, pretrained=train.pretrained,
                    weights=train.weights, threads=train.threads, batch_size=batch_size, cache=cache,
-                   feature_cache=getattr(train, "feature_cache", True))
+                   feature_cache=getattr(train, "feature_cache", True), input_norm=train.input_norm)
 
     @property
     def dim(self) -> int:
@@ -370,7 +402,7 @@ class FeatureExtractor:
     def describe(self) -> dict:
         return {"backbone": self.spec.name, "weights_id": self.weights_id, "image_size": self.image_size,
                 "scales": list(self.scales), "layers": [l.name for l in self.spec.layers],
-                "feature_dim": self.dim}
+                "feature_dim": self.dim, "input_norm": self.input_norm}
 
     def cache_settings(self, n_transforms: int) -> dict:
         return {**self.describe(), "n_transforms": int(n_transforms), "transforms": "rotations 360*k/T",

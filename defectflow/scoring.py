@@ -97,7 +97,7 @@ class LoadedModel:
             fx = FeatureExtractor(f["backbone"], image_size=f["image_size"], scales=f["scales"],
                                   pretrained=f["pretrained"], weights=weights,
                                   threads=params.train.threads, cache=cache,
-                                  feature_cache=params.train.feature_cache)
+                                  feature_cache=params.train.feature_cache, input_norm=f.get("input_norm", "none"))
             if fx.weights_id != f["weights_id"]:
                 raise ModelError(f"{self.path}: backbone weights differ from training "
                                  f"({fx.weights_id} now, {f['weights_id']} then): retrain the model")
@@ -182,7 +182,8 @@ def map_extractor(features: dict, params: Params):
 
     return MapExtractor(features["backbone"], image_size=features["image_size"], levels=features["levels"],
                         pretrained=features.get("pretrained", params.train.pretrained),
-                        weights=params.train.weights or features.get("weights"), threads=params.train.threads)
+                        weights=params.train.weights or features.get("weights"), threads=params.train.threads,
+                        input_norm=features.get("input_norm", "none"))
 
 
 def extract_maps(fx, paths, on_bad_image: str = "error", chunk: int = 64, progress: bool = False,
@@ -357,7 +358,8 @@ class Heads:
             return False
         f, c = self.image.features, self.conv.meta.get("features") or {}
         return (1.0 in tuple(f["scales"]) and f["backbone"] == c.get("backbone")
-                and f["image_size"] == c.get("image_size") and f["weights_id"] == c.get("weights_id"))
+                and f["image_size"] == c.get("image_size") and f["weights_id"] == c.get("weights_id")
+                and f.get("input_norm", "none") == c.get("input_norm", "none"))
 
     def score_images(self, images: Sequence[np.ndarray], params: Params, *, keep_maps: bool = False,
                      map_threshold: float | None = None, chunk: int = 32) -> tuple[dict, np.ndarray | None]:

@@ -233,7 +233,7 @@ def _train_conv_head(params: Params, src: Path, train_df, sel_df, out, report, c
     tp, cp = params.train, params.train.conv
     t0 = time.perf_counter()
     fx = map_extractor({"backbone": tp.backbone, "image_size": tp.image_size, "levels": list(cp.levels),
-                        "pretrained": tp.pretrained, "weights": tp.weights}, params)
+                        "pretrained": tp.pretrained, "weights": tp.weights, "input_norm": tp.input_norm}, params)
     tr, ok, sk = extract_maps(fx, train_df["image_path"].tolist(), tp.on_bad_image, progress=True, desc="train maps")
     _note_skipped(skipped, sk, "train")
     train_df = train_df[ok]
