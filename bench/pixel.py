@@ -38,7 +38,8 @@ from defectflow.anomaly_maps import (MapExtractor, anomaly_maps, boxes_from_map,
                                      draw_boxes, image_scores, level_stats, load_mask,
                                      load_rgb, overlay, pixel_auroc)
 from defectflow.config import load_params_with, parse_sets  # noqa: E402
-from defectflow.density.conv import ConvFitConfig, fit_conv_flow, save_conv_flow  # noqa: E402
+from defectflow.density.conv import save_conv_flow  # noqa: E402
+from defectflow.density.conv_fit import ConvFitConfig, fit_conv_flow  # noqa: E402
 from defectflow.sources.images import load_items  # noqa: E402
 
 

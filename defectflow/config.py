@@ -119,6 +119,15 @@ class ConvHeadParams(_Strict):
     """The fully convolutional density head (``train.head: conv | both``): maps, pixel AUROC, boxes."""
     levels: tuple[int, ...] = Field((0, 1, 2), min_length=1, max_length=3, description=(
         "backbone feature levels it models (0 = stride 8, 1 = stride 16, 2 = stride 32)"))
+    merge: tuple[int, ...] = Field((0, 1), max_length=3, description=(
+        "levels concatenated into one patch feature on the finest one's grid (PatchCore's patches: each "
+        "position sees its detail and its context), modelled together (those among `levels`, when two or "
+        "more are); [] = every level alone"))
+    local_average: int = Field(3, ge=1, le=7, description=(
+        "each level averaged over every position's k x k neighbourhood first (odd; 1 = off)"))
+    temper: float = Field(0.1, ge=0.0, le=1.0, description=(
+        "beta: positions weighted by p^-beta in training, so rare normal patches are learnt as well as common "
+        "ones (0 = plain maximum likelihood)"))
     n_blocks: int = Field(4, ge=1, le=32)
     hidden_ratio: float = Field(0.5, gt=0.0, le=8.0, description="subnet hidden channels / level channels")
     kernels: tuple[int, ...] = Field((1,), min_length=1, max_length=8, description="subnet kernels, alternating")
@@ -136,7 +145,21 @@ class ConvHeadParams(_Strict):
             raise ValueError("levels must be distinct, each 0, 1 or 2")
         if any(k < 1 or k % 2 == 0 for k in self.kernels):
             raise ValueError("kernels must be odd and >= 1")
+        if len(set(self.merge)) != len(self.merge) or any(not 0 <= lv <= 2 for lv in self.merge):
+            raise ValueError("merge must list distinct levels, each 0, 1 or 2")
+        if self.local_average % 2 == 0:
+            raise ValueError("local_average must be odd")
         return self
+
+    def groups(self) -> list[tuple[int, ...]]:
+        """Input positions (in ``levels``) of each modelled group: the levels of ``merge`` that are among
+        ``levels`` (when two or more are), then every other level alone."""
+        pos = {lv: i for i, lv in enumerate(self.levels)}
+        merged = [lv for lv in self.levels if lv in self.merge]
+        if len(merged) < 2:
+            merged = []
+        out = [tuple(pos[lv] for lv in merged)] if merged else []
+        return out + [(pos[lv],) for lv in self.levels if lv not in merged]
 
 
 class TrainParams(_Strict):

@@ -252,7 +252,7 @@ class ConvHead:
 
     def nll_maps(self, feature_maps: Sequence[np.ndarray], threads: int = 2,
                  backend: str = "auto", batch_size: int = 32) -> list[np.ndarray]:
-        """``-log p / C`` per position per level ``[(N, h_i, w_i)]`` (nats per channel) of backbone maps,
+        """``-log p / C`` per position per group ``[(N, h_g, w_g)]`` (nats per channel) of backbone maps,
         in batches of ``batch_size`` images (cache-sized: a whole set at once ran 15% slower)."""
         sess = self.session(threads) if backend in ("auto", "onnx") else None
         if sess is None:
@@ -261,11 +261,17 @@ class ConvHead:
                                  for k, m in enumerate(feature_maps)})
                  for i in range(0, len(feature_maps[0]), batch_size)]
         if not parts:
-            return [np.zeros((0, *m.shape[2:]), np.float32) for m in feature_maps]
+            return [np.zeros((0, *feature_maps[g[0]].shape[2:]), np.float32) for g in self.model.config.group_inputs]
         return [-np.concatenate([p[k] for p in parts]) / c for k, c in enumerate(self.model.channels)]
 
+    @property
+    def groups(self) -> list[tuple[int, ...]]:
+        """The backbone levels of each of the model's groups (one level each, or merged levels)."""
+        return [tuple(self.levels[i] for i in g) for g in self.model.config.group_inputs]
+
     def map_levels(self, params: Params) -> Optional[list[int]]:
-        """Positions (in the head's levels) of ``maps.levels``, the levels of the shown map; None = all."""
+        """Positions (in the head's groups) of the groups that make the shown map: those with a level in
+        ``maps.levels``; None = all."""
         have = self.levels
         want = params.maps.levels
         if want is None or list(want) == have:
@@ -273,7 +279,8 @@ class ConvHead:
         if not set(want) <= set(have):
             raise ModelError(f"{self.path}: maps.levels {list(want)} are not all among the conv head's levels "
                              f"{have}: change maps.levels or retrain")
-        return [have.index(lv) for lv in want]
+        shown = [k for k, g in enumerate(self.groups) if set(g) & set(want)]
+        return None if len(shown) == len(self.groups) else shown
 
     def summarise(self, feature_maps: Sequence[np.ndarray], params: Params, keep: bool = True,
                   map_threshold: float | None = None) -> tuple[np.ndarray | None, dict]:

@@ -228,7 +228,8 @@ def _train_image_head(params: Params, src: Path, train_df, sel_df, cal_df, val_d
 
 def _train_conv_head(params: Params, src: Path, train_df, sel_df, out, report, card: dict, skipped: list):
     """The fully convolutional head: unpooled maps (one rotation) -> per-level conv density model -> ``conv.pt``."""
-    from defectflow.density.conv import ConvFitConfig, export_onnx as export_conv_onnx, fit_conv_flow, save_conv_flow
+    from defectflow.density.conv import export_onnx as export_conv_onnx, save_conv_flow
+    from defectflow.density.conv_fit import ConvFitConfig, fit_conv_flow
 
     tp, cp = params.train, params.train.conv
     t0 = time.perf_counter()
@@ -250,7 +251,8 @@ def _train_conv_head(params: Params, src: Path, train_df, sel_df, out, report, c
     t_maps = time.perf_counter() - t0
     cfg = ConvFitConfig(n_blocks=cp.n_blocks, hidden_ratio=cp.hidden_ratio, kernels=tuple(cp.kernels),
                         subnet=cp.subnet, clamp=cp.clamp, epochs=cp.epochs, batch_size=cp.batch_size, lr=cp.lr,
-                        weight_decay=cp.weight_decay, seed=params.seed, threads=tp.fit_threads)
+                        weight_decay=cp.weight_decay, seed=params.seed, threads=tp.fit_threads,
+                        groups=tuple(cp.groups()), local_average=cp.local_average, temper=cp.temper)
     torch.manual_seed(params.seed)
     res = fit_conv_flow(tr, va, cfg, progress=True)
     del tr, va
@@ -259,9 +261,10 @@ def _train_conv_head(params: Params, src: Path, train_df, sel_df, out, report, c
     save_conv_flow(conv_file, res.model, {"features": features, "best_epoch": res.best_epoch,
                                           "history": res.history, "n_train_images": int(len(train_df))})
     export_conv_onnx(res.model, out.path(CONV_HEAD_FILE)[0], [(tp.image_size // s,) * 2 for s in fx.strides])
-    rows = [{"epoch": h["epoch"], "level": lv, "train_nll": h["train_nll"][k],
+    names = ["+".join(str(cp.levels[i]) for i in g) for g in cp.groups()]     # "0+1": merged levels
+    rows = [{"epoch": h["epoch"], "level": name, "train_nll": h["train_nll"][k],
              "val_nll": None if h["val_nll"] is None else h["val_nll"][k]}
-            for h in res.history for k, lv in enumerate(cp.levels)]
+            for h in res.history for k, name in enumerate(names)]
     loss_file, _ = out.path("conv_loss.csv")
     pd.DataFrame(rows, columns=["epoch", "level", "train_nll", "val_nll"]).to_csv(loss_file, index=False)
     if "image" not in tp.heads:            # DVC plots read train_loss.csv: the conv curve, mean over levels
@@ -284,7 +287,8 @@ def _train_conv_head(params: Params, src: Path, train_df, sel_df, out, report, c
     }
     report.wrote += [str(Path(out.final) / n) for n in (CONV_FILE, CONV_HEAD_FILE, "conv_loss.csv")]
     report.notes.append(f"conv head: {len(train_df)} good images, levels {list(cp.levels)} "
-                        f"(strides {fx.strides}), best epochs {res.best_epoch} of {cp.epochs}, "
+                        f"(strides {fx.strides}) modelled as groups {names} (local average {cp.local_average}, "
+                        f"temper {cp.temper}), best epochs {res.best_epoch} of {cp.epochs}, "
                         f"{card['conv']['model_mb']} MB, {res.seconds:.1f} s fit")
     return train_df, sel_df
 

@@ -121,6 +121,36 @@ def test_onnx_features_equal_torch_features(cache):
     assert sorted(p.name for p in (cache / "onnx").iterdir()) == files
 
 
+def test_percentile_input_norm_removes_gain_and_offset_and_runs_in_the_graph(tmp_path):
+    """input_norm percentile: an image and a darker, flatter copy give the same features; without it they do
+    not. The ONNX Runtime graph equals the torch one."""
+    from defectflow.features import backbone_graph, percentile_stretch
+
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[0:64, 0:64] / 64.0
+    base = (0.3 + 0.4 * np.sin(6 * xx) * np.cos(4 * yy))[..., None] * np.array([1.0, 0.9, 0.8])
+    img = np.clip(base + 0.03 * rng.normal(size=base.shape), 0, 1).astype(np.float32)
+    dim = (0.6 * img + 0.05).astype(np.float32)
+    t = torch.from_numpy(np.stack([img, dim]))
+    s = percentile_stretch(t, 64)
+    torch.testing.assert_close(s[0], s[1], atol=2e-3, rtol=0)
+    lum = s[0].mean(dim=2).flatten()
+    assert 0.05 < float(torch.quantile(lum, 0.01)) < 0.15 and 0.85 < float(torch.quantile(lum, 0.99)) < 0.95
+    flat = torch.full((1, 16, 16, 3), 0.5)
+    assert torch.isfinite(percentile_stretch(flat, 16)).all()          # no contrast: no blow-up
+    feats = {}
+    for norm in ("percentile", "none"):
+        fx = FeatureExtractor("efficientnet_lite0", image_size=64, threads=1, cache=tmp_path, input_norm=norm)
+        f = fx.features([img, dim], 1)[:, 0]
+        feats[norm] = float(np.abs(f[0] - f[1]).mean() / np.abs(f[0]).mean())
+        assert fx.describe()["input_norm"] == norm
+        net = backbone_graph("efficientnet_lite0", 64, input_norm=norm)
+        with torch.no_grad():
+            np.testing.assert_allclose(f, net(t)[-1].numpy(), rtol=1e-3, atol=1e-4)
+    assert feats["percentile"] < 0.02 < feats["none"]
+    assert len({p.name for p in (tmp_path / "onnx").iterdir()}) == 2      # one export per normalisation
+
+
 def test_extract_reads_files_in_batches(tmp_path, cache):
     rng = np.random.default_rng(1)
     paths = []

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from defectflow.density.conv import (ChannelPermutation, ConvCoupling, ConvFitConfig, ConvFitError, ConvFlow,
-                                     Standardize2d, export_onnx, fit_conv_flow, load_conv_flow, save_conv_flow)
+from defectflow.density.conv import (ChannelPermutation, ConvCoupling, ConvFitError, ConvFlow, Standardize2d,
+                                     export_onnx, load_conv_flow, save_conv_flow)
+from defectflow.density.conv_fit import ConvFitConfig, fit_conv_flow
 
 
 def _randomise(module: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> None:
@@ -193,3 +194,66 @@ def test_onnx_export_matches_torch(tmp_path, subnet, kernels):
         for g, t in zip(got, want):
             assert g.shape == tuple(t.shape)
             np.testing.assert_allclose(g, t.numpy(), rtol=1e-4, atol=1e-4 * float(t.abs().max()))
+
+
+def test_patch_groups_merge_levels_on_the_finest_grid_with_a_local_average():
+    a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4)
+    m = ConvFlow.for_inputs([3, 5], groups=((0, 1),), local_average=3, n_blocks=1)
+    assert m.channels == (8,) and m.config.inputs == (3, 5)
+    (g,) = m.prepare([a, b])
+    assert g.shape == (2, 8, 8, 8)
+    # an interior position is the 3 x 3 mean of level 0 there; level 1 is upsampled after its own average
+    torch.testing.assert_close(g[:, :3, 4, 4], a[:, :, 3:6, 3:6].mean(dim=(2, 3)))
+    flat = torch.full((1, 3, 6, 6), 2.0)
+    (h,) = ConvFlow.for_inputs([3], local_average=3, n_blocks=1).prepare([flat])
+    torch.testing.assert_close(h, flat)          # reflected borders: a constant map stays constant
+    payload = m.to_payload()
+    again = ConvFlow.from_payload(payload)
+    assert again.config.groups == ((0, 1),) and again.config.local_average == 3
+    with pytest.raises(ValueError, match="do not give"):
+        ConvFlow([7], in_channels=[3, 5], groups=[(0, 1)])
+
+
+def test_onnx_export_of_merged_groups_matches_torch(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    m = ConvFlow.for_inputs([6, 8, 4], groups=((0, 1), (2,)), local_average=3, n_blocks=2, hidden_ratio=1.0,
+                            kernels=(1,))
+    _randomise(m, scale=0.2)
+    m.eval()
+    path = export_onnx(m, tmp_path / "conv.onnx", sizes=[(8, 8), (4, 4), (2, 2)])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n, (h, w) in ((3, (8, 8)), (2, (12, 8))):
+        maps = [torch.randn(n, 6, h, w), torch.randn(n, 8, h // 2, w // 2), torch.randn(n, 4, h // 4, w // 4)]
+        want = m.log_likelihood_maps(maps)
+        got = sess.run(None, {"map0": maps[0].numpy(), "map1": maps[1].numpy(), "map2": maps[2].numpy()})
+        assert [g.shape for g in got] == [tuple(t.shape) for t in want] == [(n, h, w), (n, h // 4, w // 4)]
+        for g, t in zip(got, want):
+            np.testing.assert_allclose(g, t.numpy(), rtol=1e-4, atol=1e-4 * float(t.abs().max()))
+
+
+def _two_mode_maps(n: int, seed: int, rare: float = 0.05, offset: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """A common pattern everywhere but on a few positions, which hold a rare but normal one."""
+    rng = np.random.default_rng(seed)
+    x = 0.3 * rng.normal(size=(n, 4, 8, 8))
+    mask = rng.random((n, 1, 8, 8)) < rare
+    shift = offset * np.array([1.0, -1.0, 1.0, -1.0]).reshape(1, 4, 1, 1)
+    return np.where(mask, x + shift, x).astype(np.float32), mask[:, 0]
+
+
+def test_tempering_moves_capacity_to_rare_normal_patches():
+    """Plain maximum likelihood leaves a rare normal pattern with a high NLL; p^-beta weights lower it against
+    the common pattern's, and a patch unlike both still scores far above it."""
+    train, _ = _two_mode_maps(60, 0)
+    test, rare = _two_mode_maps(20, 1)
+    anomaly = test.copy()
+    anomaly[:, :, 3, 3] = np.array([1.5, 1.5, -1.5, -1.5])
+    gaps = {}
+    for beta in (0.0, 0.5):
+        cfg = ConvFitConfig(n_blocks=4, hidden_ratio=4.0, kernels=(1,), epochs=16, batch_size=10, lr=3e-3, seed=0,
+                            threads=1, temper=beta)
+        model = fit_conv_flow([train], None, cfg).model
+        nll = model.nll_per_dim_maps([test])[0].numpy()
+        gaps[beta] = float(np.median(nll[rare]) - np.median(nll[~rare]))
+        bad = model.nll_per_dim_maps([anomaly])[0].numpy()[:, 3, 3]
+        assert np.median(bad) > 2 * np.quantile(nll[rare], 0.9)
+    assert 0 < gaps[0.5] < 0.93 * gaps[0.0]

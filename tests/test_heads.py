@@ -15,7 +15,7 @@ from defectflow.scoring import (CONV_FILE, CONV_HEAD_FILE, FUSION_FILE, HEADS, M
 
 TRAIN = {"image_size": 64, "scales": [1.0], "n_coupling_blocks": 2, "hidden": 32, "epochs": 6,
          "batch_size": 16, "lr": 1e-3, "n_transforms": 2, "n_transforms_test": 2, "threads": 1,
-         "conv": {"levels": [0, 1], "hidden_ratio": 1.0, "n_blocks": 2, "epochs": 4, "batch_size": 8}}
+         "conv": {"levels": [0, 1], "merge": [], "hidden_ratio": 1.0, "n_blocks": 2, "epochs": 4, "batch_size": 8}}
 
 
 def _params(**train_kw):
@@ -297,3 +297,33 @@ def test_gradient_maps_explain_the_image_head(data, tmp_path):
         high = moved(maps[-1] >= np.quantile(maps[-1], 0.95))
         low = moved(maps[-1] <= np.quantile(maps[-1], 0.05))
     assert high > 0 and high > 3 * abs(low)
+
+
+def test_merged_patch_groups_score_the_same_in_onnx_runtime_torch_and_the_export(data, tmp_path):
+    """The default conv head: levels 0 and 1 merged into patch features (3 x 3 local average), level 2
+    alone, tempered training; the pipeline (ONNX Runtime), torch and the exported graph agree."""
+    _, inp = data
+    conv = {**TRAIN["conv"], "levels": [0, 1, 2], "merge": [0, 1], "local_average": 3, "temper": 0.1}
+    params = params_from_dict({"seed": 1, "train": {**TRAIN, "head": "both", "score_from": "fused", "conv": conv},
+                               "maps": {"levels": [0, 1]}, "evaluate": {"bootstrap": 20}})
+    thr, m = _stages(params, inp, tmp_path)
+    heads = load_heads(tmp_path / "model")
+    assert heads.conv.groups == [(0, 1), (2,)] and heads.conv.map_levels(params) == [0]
+    card = json.loads((tmp_path / "model" / "card.json").read_text())
+    assert len(card["conv"]["best_epoch"]) == 2
+    loss = pd.read_csv(tmp_path / "model" / "conv_loss.csv")
+    assert sorted(loss["level"].astype(str).unique()) == ["0+1", "2"]
+    df = read_manifest(inp / "manifest.parquet", SYNTH)
+    test = df[df.split == "test"]
+    shared, amaps = score_with_maps(test, tmp_path / "model", params, model=heads, keep_maps=True)
+    from defectflow.anomaly_maps import anomaly_maps
+    nll = heads.conv.nll_maps(heads.conv.extractor(params).extract(test["image_path"].tolist()), backend="torch")
+    assert [a.shape[1:] for a in nll] == [(8, 8), (2, 2)]
+    np.testing.assert_allclose(amaps, anomaly_maps(nll[:1], (64, 64), params.maps.sigma), rtol=1e-4, atol=1e-4)
+    from defectflow.export import export_model, onnx_scores
+    from defectflow.features import _resize, load_image
+    out = export_model(tmp_path / "model", tmp_path / "model.onnx", params)
+    imgs = np.stack([_resize(load_image(p), 64) for p in test.image_path])
+    np.testing.assert_allclose(onnx_scores(out, imgs), shared["score"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(onnx_scores(out, imgs, output="anomaly_map"), amaps, rtol=1e-4, atol=1e-4)
+    assert m["image_auroc"] >= 0.75

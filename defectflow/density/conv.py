@@ -1,7 +1,12 @@
 """Fully convolutional density model on backbone feature maps (FastFlow / CS-Flow / UFlow family).
 
-One independent model per feature level. Each maps a feature map ``(N, C, h, w)`` to a latent map
-of the same shape, position by position towards N(0, I) in the channels::
+One independent model per *group* of feature levels. A group is one level, or several levels
+concatenated on the grid of the finest of them (PatchCore's patch features: each position then
+sees its stride-8 detail and its stride-16 context); with ``local_average`` k > 1 every level is
+first averaged over each position's k x k neighbourhood (reflected at the borders). This
+preparation (:class:`PatchGroups`) is part of the model, so the ONNX export and the scorer share
+it. Each group's model maps its map ``(N, C, h, w)`` to a latent map of the same shape, position by
+position towards N(0, I) in the channels::
 
     Standardize2d (per-channel train mean/std, log-det kept)
     -> [ConvCoupling (k x k conv subnets, dense or separable, kernels alternating) -> ChannelPermutation] * n_blocks
@@ -20,20 +25,22 @@ compared across levels *per channel* (``/ C``: nats per dimension). Higher NLL =
 >>> m = ConvFlow([8, 16], n_blocks=2, hidden_ratio=1.0, seed=0)
 >>> [t.shape for t in m.log_likelihood_maps([torch.randn(2, 8, 6, 6), torch.randn(2, 16, 3, 3)])]
 [torch.Size([2, 6, 6]), torch.Size([2, 3, 3])]
+>>> m = ConvFlow.for_inputs([8, 16], groups=((0, 1),), local_average=3, n_blocks=2)   # one group, 24 channels
+>>> [t.shape for t in m.log_likelihood_maps([torch.randn(2, 8, 6, 6), torch.randn(2, 16, 3, 3)])]
+[torch.Size([2, 6, 6])]
 
 Named "density", never "flow" in module names: Prefect owns that word in this project.
 """
 from __future__ import annotations
 
-import copy
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from defectflow.density.blocks import soft_clamp
@@ -159,10 +166,44 @@ class LevelFlow(nn.Module):
         return -0.5 * (z ** 2).sum(dim=1) - 0.5 * self.channels * _LOG_2PI + log_det
 
 
+# ------------------------------------------------------------------ inputs
+class PatchGroups(nn.Module):
+    """Backbone level maps -> the maps the group models see: per group, its levels (each averaged over
+    its ``local_average`` x ``local_average`` neighbourhood, reflected at the borders), resized
+    bilinearly to the grid of the group's first level and concatenated on the channels."""
+
+    def __init__(self, groups: Sequence[Sequence[int]], local_average: int = 1):
+        super().__init__()
+        self.groups = tuple(tuple(int(i) for i in g) for g in groups)
+        self.local_average = int(local_average)
+        if self.local_average < 1 or self.local_average % 2 == 0:
+            raise ValueError(f"PatchGroups: local_average must be odd and >= 1, got {local_average}")
+
+    def _smooth(self, x: Tensor) -> Tensor:
+        k = self.local_average
+        if k == 1:
+            return x
+        p = k // 2
+        if min(x.shape[2], x.shape[3]) > p:
+            return F.avg_pool2d(F.pad(x, (p, p, p, p), mode="reflect"), k, stride=1)
+        return F.avg_pool2d(x, k, stride=1, padding=p, count_include_pad=False)
+
+    def forward(self, maps: Sequence[Tensor]) -> list[Tensor]:
+        out = []
+        for g in self.groups:
+            first = self._smooth(maps[g[0]])
+            parts = [first] + [F.interpolate(self._smooth(maps[i]), size=first.shape[2:], mode="bilinear",
+                                             align_corners=False) for i in g[1:]]
+            out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+        return out
+
+
 # ------------------------------------------------------------------ model
 @dataclass(frozen=True)
 class ConvFlowConfig:
-    """Everything needed to rebuild a :class:`ConvFlow` (plain types: saved next to the state)."""
+    """Everything needed to rebuild a :class:`ConvFlow` (plain types: saved next to the state).
+    ``channels``: per group; ``in_channels``: per input level; ``groups``: input positions per group
+    (files written before groups: one group per input, no local average)."""
 
     channels: tuple[int, ...]
     n_blocks: int = 8
@@ -172,27 +213,46 @@ class ConvFlowConfig:
     seed: int = 0
     subnet: str = "dense"
     clamp_kind: str = "atan"          # files written before the option: atan
+    in_channels: Optional[tuple[int, ...]] = None
+    groups: Optional[tuple[tuple[int, ...], ...]] = None
+    local_average: int = 1
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["channels"], d["kernels"] = list(self.channels), list(self.kernels)
+        d["in_channels"] = list(self.inputs)
+        d["groups"] = [list(g) for g in self.group_inputs]
         return d
+
+    @property
+    def inputs(self) -> tuple[int, ...]:
+        return self.in_channels if self.in_channels is not None else self.channels
+
+    @property
+    def group_inputs(self) -> tuple[tuple[int, ...], ...]:
+        return self.groups if self.groups is not None else tuple((i,) for i in range(len(self.channels)))
 
     @classmethod
     def from_dict(cls, d: dict) -> "ConvFlowConfig":
         d = dict(d)
         d["channels"] = tuple(int(c) for c in d["channels"])
         d["kernels"] = tuple(int(k) for k in d.get("kernels", (3, 1)))
+        if d.get("in_channels") is not None:
+            d["in_channels"] = tuple(int(c) for c in d["in_channels"])
+        if d.get("groups") is not None:
+            d["groups"] = tuple(tuple(int(i) for i in g) for g in d["groups"])
         return cls(**d)
 
 
 class ConvFlow(nn.Module):
-    """One :class:`LevelFlow` per feature level. ``forward(maps) -> [log p map (N, h, w)] per level``
-    (nats per position, every term): the ONNX-exportable scorer."""
+    """:class:`PatchGroups` then one :class:`LevelFlow` per group. ``forward(level maps) -> [log p map
+    (N, h, w)] per group`` (nats per position, every term): the ONNX-exportable scorer. ``channels`` are
+    the groups' (equal to the inputs' when every group is one level)."""
 
     def __init__(self, channels: Sequence[int], n_blocks: int = 8, hidden_ratio: float = 1.0,
                  clamp: float = 2.0, seed: int = 0, kernels: Sequence[int] = (3, 1), subnet: str = "dense",
-                 clamp_kind: str = "atan"):
+                 clamp_kind: str = "atan", in_channels: Sequence[int] | None = None,
+                 groups: Sequence[Sequence[int]] | None = None, local_average: int = 1):
         super().__init__()
         if not channels:
             raise ValueError("ConvFlow: channels must name at least one feature level")
@@ -202,37 +262,59 @@ class ConvFlow(nn.Module):
             raise ValueError(f"ConvFlow: hidden_ratio must be > 0, got {hidden_ratio}")
         self.config = ConvFlowConfig(tuple(int(c) for c in channels), int(n_blocks), float(hidden_ratio),
                                      tuple(int(k) for k in kernels), float(clamp), int(seed), str(subnet),
-                                     str(clamp_kind))
+                                     str(clamp_kind), None if in_channels is None else tuple(int(c) for c in in_channels),
+                                     None if groups is None else tuple(tuple(int(i) for i in g) for g in groups),
+                                     int(local_average))
+        cfg = self.config
+        if len(cfg.group_inputs) != len(cfg.channels) or any(
+                sum(cfg.inputs[i] for i in g) != c for g, c in zip(cfg.group_inputs, cfg.channels)):
+            raise ValueError(f"ConvFlow: groups {cfg.group_inputs} of inputs {cfg.inputs} do not give "
+                             f"channels {cfg.channels}")
+        self.prepare = PatchGroups(cfg.group_inputs, cfg.local_average)
         self.levels = nn.ModuleList(
             LevelFlow(c, n_blocks, max(2, int(round(hidden_ratio * c))), self.config.kernels, clamp, seed * 100 + i,
                       subnet, clamp_kind) for i, c in enumerate(self.config.channels))
 
     @classmethod
+    def for_inputs(cls, in_channels: Sequence[int], groups: Sequence[Sequence[int]] | None = None,
+                   local_average: int = 1, **kw) -> "ConvFlow":
+        """A model for level maps of ``in_channels``; ``groups`` (input positions) default to one per input."""
+        groups = [tuple(g) for g in groups] if groups is not None else [(i,) for i in range(len(in_channels))]
+        return cls([sum(in_channels[i] for i in g) for g in groups], in_channels=in_channels, groups=groups,
+                   local_average=local_average, **kw)
+
+    @classmethod
     def from_config(cls, cfg: ConvFlowConfig | dict) -> "ConvFlow":
         cfg = cfg if isinstance(cfg, ConvFlowConfig) else ConvFlowConfig.from_dict(cfg)
         return cls(cfg.channels, cfg.n_blocks, cfg.hidden_ratio, cfg.clamp, cfg.seed, cfg.kernels, cfg.subnet,
-                   cfg.clamp_kind)
+                   cfg.clamp_kind, cfg.in_channels, cfg.groups, cfg.local_average)
 
     @property
     def channels(self) -> tuple[int, ...]:
         return self.config.channels
 
     def _check(self, maps: Sequence[Tensor]) -> None:
-        if len(maps) != len(self.levels):
-            raise ValueError(f"ConvFlow: expected {len(self.levels)} feature maps, got {len(maps)}")
-        for i, (m, c) in enumerate(zip(maps, self.channels)):
+        ins = self.config.inputs
+        if len(maps) != len(ins):
+            raise ValueError(f"ConvFlow: expected {len(ins)} feature maps, got {len(maps)}")
+        for i, (m, c) in enumerate(zip(maps, ins)):
             if m.dim() != 4 or m.shape[1] != c:
                 raise ValueError(f"ConvFlow: level {i} expects (N, {c}, h, w), got {tuple(m.shape)}")
 
     def set_stats(self, means: Sequence, stds: Sequence) -> None:
+        """Per-channel mean / std of each *group's* prepared maps (see :meth:`prepare`)."""
         for level, m, s in zip(self.levels, means, stds):
             level.blocks[0].set_stats(m, s)
 
     def forward(self, maps: Sequence[Tensor]) -> list[Tensor]:
-        return [level.log_likelihood_map(x) for level, x in zip(self.levels, maps)]
+        return [level.log_likelihood_map(x) for level, x in zip(self.levels, self.prepare(maps))]
+
+    def group_log_likelihood(self, prepared: Sequence[Tensor]) -> list[Tensor]:
+        """log p maps of already prepared group maps (training runs :meth:`prepare` once)."""
+        return [level.log_likelihood_map(x) for level, x in zip(self.levels, prepared)]
 
     def log_likelihood_maps(self, maps: Sequence[Tensor | np.ndarray], batch_size: int = 32) -> list[Tensor]:
-        """log p per position per level, ``[(N, h_i, w_i)]`` (nats, every term), in eval mode, no grad."""
+        """log p per position per group, ``[(N, h_g, w_g)]`` (nats, every term), in eval mode, no grad."""
         maps = [torch.as_tensor(np.asarray(m, np.float32)) if not isinstance(m, Tensor) else m for m in maps]
         self._check(maps)
         n = maps[0].shape[0]
@@ -242,14 +324,16 @@ class ConvFlow(nn.Module):
             parts = [self([m[i:i + batch_size] for m in maps]) for i in range(0, n, batch_size)]
         self.train(was)
         if not parts:
-            return [m.new_zeros((0,) + tuple(m.shape[2:])) for m in maps]
-        return [torch.cat([p[k] for p in parts]) for k in range(len(maps))]
+            first = [maps[g[0]] for g in self.config.group_inputs]
+            return [m.new_zeros((0,) + tuple(m.shape[2:])) for m in first]
+        return [torch.cat([p[k] for p in parts]) for k in range(len(self.channels))]
 
     def nll_per_dim_maps(self, maps, batch_size: int = 32) -> list[Tensor]:
-        """``-log p / C`` per position per level (nats per channel): the anomaly-map unit."""
+        """``-log p / C`` per position per group (nats per channel): the anomaly-map unit."""
         return [-ll / c for ll, c in zip(self.log_likelihood_maps(maps, batch_size), self.channels)]
 
     def inverse(self, zs: Sequence[Tensor]) -> list[Tensor]:
+        """Latent maps -> the groups' prepared maps (the preparation itself is not inverted)."""
         return [level(z, rev=True)[0] for level, z in zip(self.levels, zs)]
 
     # ---------------------------------------------------------------- persistence
@@ -288,16 +372,17 @@ def load_conv_flow(path: str | Path) -> tuple[ConvFlow, dict]:
 
 
 def export_onnx(model: ConvFlow, path: str | Path, sizes: Sequence[tuple[int, int]], opset: int = 17) -> Path:
-    """Export ``model`` (inputs ``map0..``, outputs ``loglik0..``: ``(N, h, w)``) with the legacy exporter;
-    batch and spatial sizes are dynamic, ``sizes`` only shapes the dummy inputs."""
+    """Export ``model`` (inputs ``map0..`` per level, outputs ``loglik0..`` per group: ``(N, h, w)``) with the
+    legacy exporter; batch and spatial sizes are dynamic, ``sizes`` (per level) only shape the dummy inputs."""
     import warnings
 
     model = model.eval()
-    dummy = [torch.zeros(1, c, h, w) for c, (h, w) in zip(model.channels, sizes)]
+    dummy = [torch.rand(1, c, h, w) for c, (h, w) in zip(model.config.inputs, sizes)]
     ins = [f"map{i}" for i in range(len(dummy))]
-    outs = [f"loglik{i}" for i in range(len(dummy))]
+    outs = [f"loglik{i}" for i in range(len(model.channels))]
+    first = [g[0] for g in model.config.group_inputs]
     axes = {**{n: {0: "batch", 2: f"h{i}", 3: f"w{i}"} for i, n in enumerate(ins)},
-            **{n: {0: "batch", 1: f"h{i}", 2: f"w{i}"} for i, n in enumerate(outs)}}
+            **{n: {0: "batch", 1: f"h{first[i]}", 2: f"w{first[i]}"} for i, n in enumerate(outs)}}
 
     class _Wrap(nn.Module):
         def __init__(self, m):
@@ -314,124 +399,3 @@ def export_onnx(model: ConvFlow, path: str | Path, sizes: Sequence[tuple[int, in
     return Path(path)
 
 
-# ------------------------------------------------------------------ training
-@dataclass(frozen=True)
-class ConvFitConfig:
-    n_blocks: int = 4
-    hidden_ratio: float = 1.0
-    kernels: tuple[int, ...] = (3, 1)
-    subnet: str = "dense"
-    clamp: float = 2.0
-    clamp_kind: str = "tanh"
-    epochs: int = 8
-    batch_size: int = 16          # images (each gives h * w positions)
-    lr: float = 2e-3
-    weight_decay: float = 1e-5
-    grad_clip: float = 10.0
-    seed: int = 0
-    threads: int = 2
-
-
-@dataclass
-class ConvFitResult:
-    model: ConvFlow
-    history: list[dict] = field(default_factory=list)   # {epoch, train_nll: [per level], val_nll: [..] | None}
-    best_epoch: list[int] = field(default_factory=list)  # per level
-    seconds: float = 0.0
-
-    @property
-    def best_val_nll(self) -> Optional[list[float]]:
-        if not self.history or self.history[0]["val_nll"] is None:
-            return None
-        return [min(h["val_nll"][k] for h in self.history) for k in range(len(self.best_epoch))]
-
-
-def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean / std of ``(N, C, h, w)`` maps; near-constant channels get a floor."""
-    mean = x.mean(axis=(0, 2, 3), dtype=np.float64)
-    std = x.std(axis=(0, 2, 3), dtype=np.float64)
-    floor = 0.01 * float(std.mean()) + 1e-6
-    return mean.astype(np.float32), np.maximum(std, floor).astype(np.float32)
-
-
-def _as_maps(maps, what: str) -> list[Tensor]:
-    out = []
-    for i, m in enumerate(maps):
-        a = np.asarray(m, np.float32)
-        if a.ndim != 4:
-            raise ConvFitError(f"{what} level {i}: expected maps of shape (N, C, h, w), got {a.shape}")
-        if not np.isfinite(a).all():
-            raise ConvFitError(f"{what} level {i}: feature maps contain NaN or inf")
-        out.append(torch.from_numpy(np.ascontiguousarray(a)))
-    if len({len(m) for m in out}) != 1:
-        raise ConvFitError(f"{what}: every level needs the same number of images, got {[len(m) for m in out]}")
-    return out
-
-
-def fit_conv_flow(train_maps: Sequence[np.ndarray], val_maps: Optional[Sequence[np.ndarray]] = None,
-                  cfg: ConvFitConfig = ConvFitConfig(), progress: bool = False) -> ConvFitResult:
-    """Train one conv density model per level on good ``train_maps`` ``[(N, C_i, h_i, w_i)]``.
-
-    Loss per level: mean over images and positions of NLL per channel (all terms). When
-    ``val_maps`` (good validation images only: the caller's duty) are given, each level keeps
-    the epoch with its lowest validation NLL. Seeded: same inputs + seed -> same weights.
-    """
-    xs = _as_maps(train_maps, "train")
-    if len(xs[0]) < 2:
-        raise ConvFitError(f"need at least 2 good training images, got {len(xs[0])}")
-    xv = _as_maps(val_maps, "val") if val_maps is not None and len(val_maps) and len(val_maps[0]) else None
-    if xv is not None and [m.shape[1] for m in xv] != [m.shape[1] for m in xs]:
-        raise ConvFitError("val maps have different channels from train maps")
-    t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        torch.manual_seed(cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        model = ConvFlow([m.shape[1] for m in xs], cfg.n_blocks, cfg.hidden_ratio, cfg.clamp, cfg.seed, cfg.kernels,
-                         cfg.subnet, cfg.clamp_kind)
-        stats = [channel_stats(m.numpy()) for m in xs]
-        model.set_stats([s[0] for s in stats], [s[1] for s in stats])
-        opts = [torch.optim.Adam(lv.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for lv in model.levels]
-        n_lv = len(xs)
-        result = ConvFitResult(model, best_epoch=[cfg.epochs] * n_lv)
-        best = [math.inf] * n_lv
-        best_state: list[Optional[dict]] = [None] * n_lv
-        epochs = range(1, cfg.epochs + 1)
-        if progress:
-            from tqdm import tqdm
-            epochs = tqdm(epochs, desc="conv density", unit="epoch", leave=False)
-        n = len(xs[0])
-        for epoch in epochs:
-            model.train()
-            order = torch.randperm(n, generator=gen)
-            totals = [0.0] * n_lv
-            for i in range(0, n, cfg.batch_size):
-                idx = order[i:i + cfg.batch_size]
-                for k, (level, opt) in enumerate(zip(model.levels, opts)):
-                    loss = -(level.log_likelihood_map(xs[k][idx]) / level.channels).mean()
-                    if not torch.isfinite(loss):
-                        raise ConvFitError(f"training diverged at epoch {epoch}, level {k} (loss {loss.item()}); "
-                                           "lower the learning rate or the clamp")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(level.parameters(), cfg.grad_clip)
-                    opt.step()
-                    totals[k] += loss.item() * len(idx)
-            val = None
-            if xv is not None:
-                val = [float(-(ll / c).mean()) for ll, c in zip(model.log_likelihood_maps(xv), model.channels)]
-                for k in range(n_lv):
-                    if val[k] < best[k]:
-                        best[k], result.best_epoch[k] = val[k], epoch
-                        best_state[k] = copy.deepcopy(model.levels[k].state_dict())
-            result.history.append({"epoch": epoch, "train_nll": [t / n for t in totals], "val_nll": val})
-            log.debug("epoch %d train %s val %s", epoch, result.history[-1]["train_nll"], val)
-        for k, state in enumerate(best_state):
-            if state is not None:
-                model.levels[k].load_state_dict(state)
-        model.eval()
-    finally:
-        torch.set_num_threads(threads)
-    result.seconds = time.perf_counter() - t0
-    return result
