@@ -77,13 +77,18 @@ FRAMES = ITEMS.extend(
     _c("pass_index", I, False, "product pass number in this video"),
     _c("is_center", B, True, "frame where the product is nearest the view centre"),
     _c("t_sec", F, False, "time of the frame in the video"),
+    _c("lane", S, False, "belt the product travels on (frames.lanes; 'main' for frames.region)"),
+    _c("track_id", I, False, "the product's track in this video and lane"),
+    _c("track_x0", I, False, "the track's box at this frame (frame px, x1/y1 exclusive)"),
+    _c("track_y0", I, False), _c("track_x1", I, False), _c("track_y1", I, False),
+    _c("tracks_path", S, False, "every track's box at every tracked frame of this video (Parquet)"),
+    _c("background_path", S, False, "background plate of this camera (frames, else detect), used by detect / masks"),
 )
 
 DETECT = FRAMES.extend(
     "detect",
     _c("box_x0", I, False), _c("box_y0", I, False), _c("box_x1", I, False), _c("box_y1", I, False),
     _c("detect_score", F, False, "detector confidence (1.0 for the classical detector)"),
-    _c("background_path", S, False, "background plate of this camera, used by masks"),
 )
 
 MASKS = DETECT.extend(

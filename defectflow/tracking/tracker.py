@@ -1,0 +1,188 @@
+"""Tracks per lane (norfair, on box IoU with a Kalman filter) and the counting line.
+
+A track is one product. It is counted once, at its first crossing of the lane's counting line in
+the direction of travel (its centre's signed distance to the line goes from < 0 to >= 0); the
+crossing frame is interpolated between tracker updates. Whether the count stands is decided when
+the track ends: it must have lived ``frames.min_pass_frames`` frames and moved along the travel
+across ``frames.min_travel`` of the lane, and its crossing must agree with the final direction.
+A product that stops, reverses a little and goes on keeps its track and is not counted again; one
+that leaves before the line (or a hand reaching in) is never counted.
+
+The direction of travel is the lane's (``direction`` param) or, for ``auto``, the sum of every
+track's displacement in the lane so far (known once tracks have moved a tenth of the lane).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from norfair import Detection, Tracker
+
+from defectflow.tracking.lanes import Lane
+
+IOU_DISTANCE = 0.9           # norfair distance 1 - IoU: a prediction and a blob overlapping by IoU >= 0.1 match
+INIT_UPDATES = 1             # a track is reported after this many more matched updates
+AUTO_MIN_TRAVEL = 0.1        # auto direction: known once the tracks moved this share of the lane's diagonal
+
+Box = tuple[float, float, float, float]
+
+# norfair warns on every IoU with a predicted box whose corners crossed (a track shrinking out of view)
+logging.getLogger("norfair.distances").setLevel(logging.ERROR)
+
+
+def _centre(box: Box) -> np.ndarray:
+    return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+
+
+@dataclass
+class Capture:
+    """A counted product: its track, the frame nearest the crossing and the window of frames around it."""
+
+    lane: str
+    track_id: int
+    center: int
+    frames: dict = field(default_factory=dict)       # frame index -> payload (filled by the caller)
+    normal: np.ndarray | None = None                 # the line's normal when it was crossed
+    boxes: dict[int, Box] = field(default_factory=dict)   # update frame -> track box (frame px), at the end
+    valid: bool | None = None                        # decided when the track ends
+    index: int = -1
+
+    def box_at(self, t: int) -> Box:
+        """The track's box at frame ``t``, interpolated between updates (the nearest one outside them)."""
+        keys = sorted(self.boxes)
+        if t in self.boxes or not keys:
+            return self.boxes.get(t, (0.0, 0.0, 0.0, 0.0))
+        arr = np.array([self.boxes[k] for k in keys])
+        return tuple(float(np.interp(t, keys, arr[:, j])) for j in range(4))
+
+
+@dataclass
+class _Track:
+    first_t: int
+    first_pos: np.ndarray
+    last_t: int = -1
+    last_pos: np.ndarray | None = None
+    history: dict[int, Box] = field(default_factory=dict)   # update frame -> box (measured, else predicted)
+    positions: list[np.ndarray] = field(default_factory=list)   # measured centres
+    capture: Capture | None = None
+
+
+class LaneTracker:
+    """One lane's tracker: feed candidate boxes (frame px) every update; get captures back."""
+
+    def __init__(self, lane: Lane, stride: int, max_lost_frames: int, min_pass_frames: int, min_travel: float):
+        self.lane = lane
+        self.stride = stride
+        self.min_pass_frames, self.min_travel = min_pass_frames, min_travel
+        lost = max(1, math.ceil(max_lost_frames / stride))
+        self.tracker = Tracker(distance_function="iou", distance_threshold=IOU_DISTANCE, hit_counter_max=lost,
+                               initialization_delay=INIT_UPDATES, past_detections_length=0)
+        self.tracks: dict[int, _Track] = {}
+        self.finished: list[tuple[_Track, int]] = []
+        self.done_motion = np.zeros(2)               # summed displacement of ended tracks
+        diag = np.ptp(lane.polygon, axis=0)
+        self.auto_min = AUTO_MIN_TRAVEL * float(np.hypot(*diag))
+        self.n_tracks = 0
+        self.n_rejected = 0
+
+    # ------------------------------------------------------------------ direction
+
+    def direction(self) -> np.ndarray | None:
+        """Unit vector of travel: the lane's, or estimated from the tracks' motion (None: not yet)."""
+        if self.lane.direction is not None:
+            return self.lane.direction
+        total = self.done_motion + sum((tr.last_pos - tr.first_pos for tr in self.tracks.values()
+                                        if tr.last_pos is not None), np.zeros(2))
+        norm = float(np.hypot(*total))
+        return total / norm if norm >= self.auto_min else None
+
+    # ------------------------------------------------------------------ updates
+
+    def update(self, t: int, boxes: list[Box]) -> list[Capture]:
+        """Tracker update at frame ``t``; returns the captures started (tracks crossing the line now)."""
+        dets = [Detection(np.array([[b[0], b[1]], [b[2], b[3]]], np.float64), data=(t, b)) for b in boxes]
+        objects = self.tracker.update(dets or None, period=1)
+        alive = set()
+        started = []
+        d = self.direction()
+        for obj in objects:
+            alive.add(obj.id)
+            det_t, det_box = obj.last_detection.data
+            measured = det_t == t
+            if measured:
+                box = tuple(float(v) for v in det_box)
+            else:
+                est = obj.estimate
+                xa, xb = sorted((float(est[0, 0]), float(est[1, 0])))
+                ya, yb = sorted((float(est[0, 1]), float(est[1, 1])))
+                box = (xa, ya, xb, yb)
+            pos = _centre(box)
+            tr = self.tracks.get(obj.id)
+            if tr is None:
+                tr = self.tracks[obj.id] = _Track(first_t=t, first_pos=pos)
+                self.n_tracks += 1
+            tr.history[t] = box
+            if not measured:
+                continue
+            if d is not None and tr.capture is None and tr.last_pos is not None:
+                cap = self._crossing(obj.id, tr, t, pos, d)
+                if cap is not None:
+                    tr.capture = cap
+                    started.append(cap)
+            tr.last_t, tr.last_pos = t, pos
+            tr.positions.append(pos)
+        for tid in [k for k in self.tracks if k not in alive]:
+            self._end(tid)
+        return started
+
+    def _crossing(self, tid: int, tr: _Track, t: int, pos: np.ndarray, d: np.ndarray) -> Capture | None:
+        point, normal = self.lane.line_normal(d)
+        s0, s1 = float((tr.last_pos - point) @ normal), float((pos - point) @ normal)
+        if not (s0 < 0 <= s1):
+            return None
+        frac = -s0 / (s1 - s0) if s1 > s0 else 1.0
+        centre = int(round(tr.last_t + frac * (t - tr.last_t)))
+        return Capture(self.lane.name, tid, centre, normal=normal)
+
+    def _end(self, tid: int) -> None:
+        tr = self.tracks.pop(tid)
+        if tr.last_pos is not None:
+            self.done_motion += tr.last_pos - tr.first_pos
+        self.finished.append((tr, tid))
+
+    def flush(self) -> None:
+        """End of video: every track ends."""
+        for tid in list(self.tracks):
+            self._end(tid)
+
+    def frozen_boxes(self) -> list[Box]:
+        """Current boxes of the live tracks (the background is not updated under them)."""
+        return [tr.history[max(tr.history)] for tr in self.tracks.values() if tr.history]
+
+    def live_captures(self) -> list[Capture]:
+        return [tr.capture for tr in self.tracks.values() if tr.capture is not None]
+
+    def ended(self) -> list[tuple[Capture | None, bool]]:
+        """Tracks that ended since the last call: (their capture or None, whether the count stands)."""
+        out = []
+        d = self.direction()
+        for tr, _tid in self.finished:
+            ok = tr.capture is not None and self._valid(tr, d)
+            if tr.capture is not None:
+                tr.capture.boxes = dict(tr.history)
+                tr.capture.valid = ok
+            if not ok:
+                self.n_rejected += 1
+            out.append((tr.capture, ok))
+        self.finished = []
+        return out
+
+    def _valid(self, tr: _Track, d: np.ndarray | None) -> bool:
+        if d is None or tr.capture.normal @ d <= 0:
+            return False
+        if tr.last_t - tr.first_t + 1 < self.min_pass_frames:
+            return False
+        proj = np.array(tr.positions) @ d
+        return float(proj.max() - proj.min()) >= self.min_travel * self.lane.extent(d)
