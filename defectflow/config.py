@@ -101,7 +101,7 @@ class FramesParams(_Strict):
     product_length: Optional[float] = Field(None, gt=0.0, le=1.0, description=(
         "length of one product along the direction of travel, fraction of the lane's extent; touching "
         "products are split at multiples of it. null = estimated from the separate blobs"))
-    stride: int = Field(2, ge=1, le=8, description=(
+    stride: int = Field(3, ge=1, le=8, description=(
         "motion and tracking on every stride-th frame (the crossing frame is interpolated; every frame "
         "of the window is kept)"))
     max_lost_frames: int = Field(12, ge=1, le=1000, description=(

@@ -12,8 +12,8 @@ explicit, or ``auto`` from the tracks' motion); the ``frames.window`` frames aro
 are kept, with the track's box at each. The count stands when the track ends, if it lived
 ``frames.min_pass_frames`` frames and moved across ``frames.min_travel`` of its lane (shake, a hand
 reaching in and out or an object left standing do not count). Passes are numbered per lane in the
-order of their crossing. Also written per video: ``tracks/<run>_<camera>.parquet`` (every track's
-box at every tracked frame) and ``background/<run>_<camera>.png`` (the colour background plate).
+order of their crossing. Also written per video: ``tracks/<run>_<camera>.parquet``, every track's
+box at every tracked frame (detect masks the products out of its background plate with it).
 
 The video is decoded once, front to back (``defectflow/video_decode.py``: MJPG videos keep their
 JPEG bytes, other codecs are decoded and kept frames written as PNG on a background thread).
@@ -36,7 +36,6 @@ import pandas as pd
 from tqdm import tqdm
 
 from defectflow.config import FramesParams, Params
-from defectflow.fsutil import write_image
 from defectflow.imgops import safe_name
 from defectflow.manifest import FRAMES, write_manifest
 from defectflow.sources.videos import (DEFAULT_LANE, VideoReadError, VideoSourceError, camera_label, load_passes,
@@ -92,7 +91,7 @@ def scan_video(path: Path | str, fp: FramesParams, on_capture: Callable[[Capture
                 jpeg.set_reduce(float(np.ptp(xs)), WORK_WIDTH)
                 reduce = jpeg.reduce
             grid = Grid(lanes, shape, reduce)
-            vt = VideoTracker(lanes, grid, fp, shape, scan.expected)
+            vt = VideoTracker(lanes, grid, fp)
             _track_stream(stream, jpeg, grid, vt, scan, on_capture)
     finally:
         cap.release()
@@ -254,21 +253,14 @@ class _Scans:
     empty: list[str] = field(default_factory=list)
 
 
-def _video_extras(video, vt: VideoTracker | None, out: StageOutput) -> dict:
-    """Write the video's track log and background plate; their paths for the rows."""
+def _track_log(video, vt: VideoTracker | None, out: StageOutput) -> dict:
+    """Write the video's track log (every track's box at every tracked frame); its path for the rows."""
     if vt is None:
         return {}
-    tag = f"{safe_name(video.run)}_{safe_name(video.camera)}"
-    tmp, tracks_path = out.path(f"tracks/{tag}.parquet")
+    tmp, tracks_path = out.path(f"tracks/{safe_name(video.run)}_{safe_name(video.camera)}.parquet")
     pd.DataFrame(vt.log, columns=TRACK_LOG_COLUMNS).astype({"frame_index": "int64", "track_id": "int64"}).to_parquet(
         tmp, index=False)
-    extra = {"tracks_path": tracks_path}
-    plate = vt.plate()
-    if plate is not None:
-        tmp, plate_path = out.path(f"background/{tag}.png")
-        write_image(tmp, plate, atomic=False)
-        extra["background_path"] = plate_path
-    return extra
+    return {"tracks_path": tracks_path}
 
 
 def _scan_one(video, fp: FramesParams, products: _Products, out: StageOutput, source: str, writer: _Writer,
@@ -283,7 +275,7 @@ def _scan_one(video, fp: FramesParams, products: _Products, out: StageOutput, so
         acc.bad.append({"video": video.path, "problem": str(err), "frames_read": 0})
         log.warning("frames: %s (skipped: frames.on_bad_video is warn)", err)
         return
-    rows = vrows.rows(scan, products, source, _video_extras(video, vt, out))
+    rows = vrows.rows(scan, products, source, _track_log(video, vt, out))
     scan.n_passes = len(vrows.captures)
     per_lane: dict[str, int] = {ln.name: 0 for ln in (vt.lanes if vt else [])}
     for c, _ in vrows.captures:

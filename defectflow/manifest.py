@@ -82,13 +82,13 @@ FRAMES = ITEMS.extend(
     _c("track_x0", I, False, "the track's box at this frame (frame px, x1/y1 exclusive)"),
     _c("track_y0", I, False), _c("track_x1", I, False), _c("track_y1", I, False),
     _c("tracks_path", S, False, "every track's box at every tracked frame of this video (Parquet)"),
-    _c("background_path", S, False, "background plate of this camera (frames, else detect), used by detect / masks"),
 )
 
 DETECT = FRAMES.extend(
     "detect",
     _c("box_x0", I, False), _c("box_y0", I, False), _c("box_x1", I, False), _c("box_y1", I, False),
     _c("detect_score", F, False, "detector confidence (1.0 for the classical detector)"),
+    _c("background_path", S, False, "background plate of this camera, used by masks"),
 )
 
 MASKS = DETECT.extend(

@@ -31,7 +31,8 @@ LENGTH_QUANTILE = 30
 
 
 def mode_background(smalls: list[np.ndarray]) -> np.ndarray:
-    """Per-pixel most frequent value (bins of MODE_BIN grey levels, neighbours pooled) of float frames."""
+    """Per-pixel most frequent value of float frames: the mean of the values in the fullest run of three
+    MODE_BIN-level bins."""
     stack = np.clip(np.stack(smalls), 0, 255).astype(np.float32)
     q = (stack // MODE_BIN).astype(np.int16)
     n_bins = 256 // MODE_BIN
@@ -40,9 +41,8 @@ def mode_background(smalls: list[np.ndarray]) -> np.ndarray:
     pooled[1:] += counts[:-1]
     pooled[:-1] += counts[1:]
     best = pooled.argmax(axis=0)
-    near = np.abs(q - best[None]) <= 1
-    vals = np.where(near, stack, np.nan)
-    return np.nanmedian(vals, axis=0).astype(np.float32)
+    near = (np.abs(q - best[None]) <= 1).astype(np.float32)
+    return ((stack * near).sum(axis=0) / np.maximum(near.sum(axis=0), 1)).astype(np.float32)
 
 
 class BackgroundModel:
@@ -52,7 +52,7 @@ class BackgroundModel:
         self.threshold = float(fp.motion_threshold)
         shake = int(math.ceil(fp.shake_px * scale)) if fp.shake_px else 0
         self._shake = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * shake + 1,) * 2) if shake else None
-        self._close = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+        self._close = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))   # bridges 1-px cracks, not gaps
         self.bg: np.ndarray | None = None
 
     def start(self, smalls: list[np.ndarray]) -> None:
@@ -91,16 +91,17 @@ class LengthEstimate:
     def __init__(self, fixed_px: float | None = None):
         self.fixed = fixed_px
         self.samples: deque[float] = deque(maxlen=LENGTH_SAMPLES)
+        self._value: float | None = None
+        self._added = 0
 
     def add(self, length: float) -> None:
         self.samples.append(length)
+        self._added += 1
+        if len(self.samples) >= LENGTH_MIN_SAMPLES and (self._value is None or self._added >= 8):
+            self._value, self._added = float(np.percentile(self.samples, LENGTH_QUANTILE)), 0
 
     def value(self) -> float | None:
-        if self.fixed is not None:
-            return self.fixed
-        if len(self.samples) < LENGTH_MIN_SAMPLES:
-            return None
-        return float(np.percentile(self.samples, LENGTH_QUANTILE))
+        return self.fixed if self.fixed is not None else self._value
 
 
 def _cuts(proj: np.ndarray, length: float, free_end: int) -> list[float]:
@@ -130,47 +131,73 @@ def find_candidates(moving: np.ndarray, lane_mask: np.ndarray, edge_mask: np.nda
                     direction: np.ndarray | None, lengths: LengthEstimate) -> list[Candidate]:
     """Candidates of one lane: blobs of ``moving`` inside ``lane_mask``; long blobs cut into products.
 
-    ``edge_mask``: the lane's border band (a blob touching it is entering or leaving the view: its
-    length is not a product's, and it is cut from its other end). Separate blobs feed ``lengths``.
+    ``edge_mask``: the lane's ends (:func:`end_band`; a blob touching one is entering or leaving the
+    view: its length is not a product's, and it is cut from its other end). Separate blobs feed ``lengths``.
     """
     m = moving & lane_mask
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)   # 6x faster than labelling
     out: list[Candidate] = []
-    for i in range(1, n):
-        x, y, w, h, area = (int(v) for v in stats[i])
-        if area < min_px:
+    length = lengths.value()
+    axis = None if direction is None else (0 if abs(direction[0]) > 0.999 else 1 if abs(direction[1]) > 0.999 else None)
+    for c in contours:
+        x, y, w, h = cv2.boundingRect(c)
+        if cv2.contourArea(c) + len(c) / 2 < min_px:          # + half the outline: the pixel count, about
             continue
+        box = (x, y, x + w, y + h)
         if direction is None:
-            out.append(Candidate((x, y, x + w, y + h)))
+            out.append(Candidate(box))
             continue
-        ys, xs = np.nonzero(labels[y:y + h, x:x + w] == i)
-        proj = xs * direction[0] + ys * direction[1]
-        pmin = proj.min()
-        proj = proj - pmin
-        touching = edge_mask[y + ys, x + xs].astype(bool)
-        length = lengths.value()
-        span = float(proj.max()) + 1
-        if not touching.any():
+        pts = c[:, 0]
+        touching = bool(edge_mask[pts[:, 1], pts[:, 0]].any())
+        sub = None
+        if axis is not None:                       # travel along x or y: the box gives the length
+            span = float(w if axis == 0 else h)
+        else:
+            proj = pts @ direction
+            span = float(proj.max() - proj.min()) + 1
+        if not touching:
             lengths.add(span)
         if length is None or span < SPLIT_AT * length:
-            out.append(Candidate((x, y, x + w, y + h)))
+            out.append(Candidate(box))
             continue
-        if not touching.any():
-            free_end = 2
-        else:                              # cut from the end away from the lane edge it touches
-            free_end = 0 if proj[touching].mean() > span / 2 else 1
-        edges = [0.0, *_cuts(proj, length, free_end), span]
-        for a, b in zip(edges[:-1], edges[1:]):
-            sel = (proj >= a) & (proj < b)
-            if sel.any():
-                px, py = xs[sel], ys[sel]
-                out.append(Candidate((x + int(px.min()), y + int(py.min()), x + int(px.max()) + 1,
-                                      y + int(py.max()) + 1), split=len(edges) > 2))
+        sub = np.zeros((h, w), np.uint8)
+        cv2.drawContours(sub, [c], -1, 1, -1, offset=(-x, -y))
+        sub &= m[y:y + h, x:x + w]
+        out += _split(sub.astype(bool), x, y, direction, length, edge_mask[y:y + h, x:x + w].astype(bool) & (sub > 0))
     return out
 
 
-def edge_band(lane_mask: np.ndarray, width: int = 2) -> np.ndarray:
-    """The lane's border band (inside the lane, ``width`` px), also where the lane meets the grid's edge."""
-    padded = cv2.copyMakeBorder(lane_mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-    inner = cv2.erode(padded, cv2.getStructuringElement(cv2.MORPH_RECT, (2 * width + 1,) * 2))[1:-1, 1:-1]
-    return (lane_mask & (1 - inner)).astype(np.uint8)
+def _split(sub: np.ndarray, x: int, y: int, direction: np.ndarray, length: float, touch: np.ndarray
+           ) -> list[Candidate]:
+    """Cut one blob (``sub``: its pixels in its box at x, y) into products along ``direction``."""
+    ys, xs = np.nonzero(sub)
+    proj = xs * direction[0] + ys * direction[1]
+    proj = proj - proj.min()
+    span = float(proj.max()) + 1
+    touching = touch[ys, xs]
+    if not touching.any():
+        free_end = 2
+    else:                                  # cut from the end away from the lane edge it touches
+        free_end = 0 if proj[touching].mean() > span / 2 else 1
+    edges = [0.0, *_cuts(proj, length, free_end), span]
+    out = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        sel = (proj >= a) & (proj < b)
+        if sel.any():
+            px, py = xs[sel], ys[sel]
+            out.append(Candidate((x + int(px.min()), y + int(py.min()), x + int(px.max()) + 1, y + int(py.max()) + 1),
+                                 split=len(edges) > 2))
+    return out
+
+
+def end_band(lane_mask: np.ndarray, polygon: np.ndarray, direction: np.ndarray, width: int = 2) -> np.ndarray:
+    """The lane's ends (``polygon`` in grid px): a ``width`` px band inside the lane along the polygon
+    edges that run across ``direction`` (where products enter and leave), 0/1 uint8."""
+    band = np.zeros_like(lane_mask)
+    pts = np.round(polygon * 16).astype(np.int32)
+    for a, b in zip(pts, np.roll(pts, -1, axis=0)):
+        t = (b - a).astype(np.float64)
+        norm = float(np.hypot(*t))
+        if norm > 0 and abs(t @ direction) / norm < 0.7:
+            cv2.line(band, tuple(int(v) for v in a), tuple(int(v) for v in b), 1, 2 * width + 1, cv2.LINE_8, 4)
+    return band & lane_mask

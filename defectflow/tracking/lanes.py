@@ -14,7 +14,7 @@ import numpy as np
 from defectflow.config import FramesParams, LaneParams
 from defectflow.sources.videos import DEFAULT_LANE
 
-WORK_WIDTH = 128             # motion is measured on the lanes' area downscaled to at most this width
+WORK_WIDTH = 160             # motion is measured on the lanes' area downscaled to at most this width
 DIRECTION_VECTORS = {"left_to_right": (1.0, 0.0), "right_to_left": (-1.0, 0.0),
                      "top_to_bottom": (0.0, 1.0), "bottom_to_top": (0.0, -1.0)}
 

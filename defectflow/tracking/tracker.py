@@ -19,11 +19,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from norfair import Detection, Tracker
+from norfair.filter import OptimizedKalmanFilterFactory
 
 from defectflow.tracking.lanes import Lane
 
 IOU_DISTANCE = 0.9           # norfair distance 1 - IoU: a prediction and a blob overlapping by IoU >= 0.1 match
 INIT_UPDATES = 1             # a track is reported after this many more matched updates
+# box-corner Kalman filters: a belt changes speed within a few updates (stop-and-go), so the velocity
+# must be learnt fast (norfair's defaults, Q 0.1 / velocity variance 1, lag a stride-3 belt into id switches)
+KALMAN = {"R": 4.0, "Q": 5.0, "pos_variance": 10.0, "vel_variance": 100.0}
 AUTO_MIN_TRAVEL = 0.1        # auto direction: known once the tracks moved this share of the lane's diagonal
 
 Box = tuple[float, float, float, float]
@@ -76,14 +80,23 @@ class LaneTracker:
         self.lane = lane
         self.stride = stride
         self.min_pass_frames, self.min_travel = min_pass_frames, min_travel
-        lost = max(1, math.ceil(max_lost_frames / stride))
-        self.tracker = Tracker(distance_function="iou", distance_threshold=IOU_DISTANCE, hit_counter_max=lost,
-                               initialization_delay=INIT_UPDATES, past_detections_length=0)
-        self.tracks: dict[int, _Track] = {}
-        self.finished: list[tuple[_Track, int]] = []
+        self.lost_updates = max(1, math.ceil(max_lost_frames / stride))
         self.done_motion = np.zeros(2)               # summed displacement of ended tracks
+        self.restart()
         diag = np.ptp(lane.polygon, axis=0)
         self.auto_min = AUTO_MIN_TRAVEL * float(np.hypot(*diag))
+
+    def restart(self) -> None:
+        """A fresh tracker (no tracks, counts at 0); the motion learnt so far (auto direction) is kept."""
+        for tr in getattr(self, "tracks", {}).values():
+            if tr.last_pos is not None:
+                self.done_motion += tr.last_pos - tr.first_pos
+        self.tracker = Tracker(distance_function="iou", distance_threshold=IOU_DISTANCE,
+                               hit_counter_max=self.lost_updates, initialization_delay=INIT_UPDATES,
+                               past_detections_length=0,
+                               filter_factory=OptimizedKalmanFilterFactory(**KALMAN))
+        self.tracks: dict[int, _Track] = {}
+        self.finished: list[tuple[_Track, int]] = []
         self.n_tracks = 0
         self.n_rejected = 0
 
