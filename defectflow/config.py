@@ -104,6 +104,9 @@ class FramesParams(_Strict):
     stride: int = Field(3, ge=1, le=8, description=(
         "motion and tracking on every stride-th frame (the crossing frame is interpolated; every frame "
         "of the window is kept)"))
+    tracker: Literal["belt", "norfair"] = Field("belt", description=(
+        "association of boxes between tracked frames: belt (constant velocity + IoU assignment, ~40 us an "
+        "update) or norfair (the library's Kalman tracker, ~10x slower: for high-resolution footage)"))
     max_lost_frames: int = Field(12, ge=1, le=1000, description=(
         "frames a track survives without a matching blob (occlusion, a blob missed) before it ends"))
     lanes: Optional[list[LaneParams]] = Field(None, description=(

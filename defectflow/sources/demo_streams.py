@@ -3,8 +3,8 @@
 What real lines look like, with ground truth. One camera per run, 320 x 240 at 25 fps, the
 demo's bottles and jars (``demo_render.py``) on a noisy belt:
 
-- ``dense`` (camera ``belt``): one belt at constant speed, products at random gaps, about a
-  third of them touching the one ahead; two to four in view.
+- ``dense`` (camera ``belt``): one belt at constant speed, identical products (bottles or jars,
+  +-3% in size) at random gaps, about a third of them touching the one ahead; two to four in view.
 - ``stopgo`` (camera ``belt``): the same on a stop-and-go belt: it runs, stops for up to a
   second, sometimes backs up a little first, and starts again.
 - ``lanes`` (camera ``lanes``): two belts seen in perspective, each its own speed and
@@ -47,6 +47,7 @@ GAP_PX = (6, 60)           # gap between the others (silhouette to silhouette, p
 SPEED = (6.0, 9.0)         # belt speed, px per frame
 SCALE_QUANTUM = 0.02       # far-lane sprites are re-rendered per step of scale
 RENDER_CAMERA = "cam0"     # the product side the stream camera sees (defect visibility)
+KINDS = ("bottle", "jar")
 
 # two lanes seen in perspective (fractions of the frame); the far belt is tilted
 FAR_BELT = (100.0, 92.0)   # far belt centre line y at x = 0 and x = WIDTH
@@ -86,11 +87,25 @@ class _StreamRun:
 
 
 def _scale_at(lane: str, x: float, base_scale: float) -> float:
+    """A product's scale at image x: the far lane's shrink with distance (linear in x), quantised."""
     if lane != "far":
         return base_scale
     a, b = FAR_SCALE
     s = a + (b - a) * np.clip(x / WIDTH, 0, 1)
-    return round(float(s) / SCALE_QUANTUM) * SCALE_QUANTUM
+    return base_scale / a * round(float(s) / SCALE_QUANTUM) * SCALE_QUANTUM
+
+
+def _perspective_x(u: float) -> float:
+    """Image x of belt position ``u`` (px at the far lane's nearest scale) in perspective: dx/du = s(x) / s(0)."""
+    a, b = FAR_SCALE
+    k = (b - a) / WIDTH
+    return a / k * (np.exp(k * u / a) - 1.0)
+
+
+def _perspective_u(x: float) -> float:
+    a, b = FAR_SCALE
+    k = (b - a) / WIDTH
+    return a / k * np.log1p(k * x / a)
 
 
 def _base_y(lane: str, x: float, p: Product) -> int:
@@ -119,11 +134,13 @@ def _speeds(scene: str, rng: np.random.Generator, speed: float, n: int) -> np.nd
 def _plan_lane(run: str, split: str, lane: str, n: int, rng: np.random.Generator, defects: list[str],
                scene: str, speed: float, direction: int, line_x: float, max_frames: int) -> _Lane:
     prefix = run if lane == DEFAULT_LANE else f"{run}-{lane}"
-    products = _plan_products(prefix, split, n, rng, defects)
+    kind = KINDS[int(rng.integers(len(KINDS)))]           # identical parts: one kind per belt, +-3% in size
+    products = [dataclasses.replace(p, kind=kind, scale=1.0 + (p.scale - 1.0) / 2)
+                for p in _plan_products(prefix, split, n, rng, defects)]
     if lane == "near":
         products = [dataclasses.replace(p, scale=p.scale * NEAR_SCALE) for p in products]
-    elif lane == "far":
-        products = [dataclasses.replace(p, scale=float(np.mean(FAR_SCALE))) for p in products]
+    elif lane == "far":                    # sizes and gaps at the lane's nearest end (scale FAR_SCALE[0])
+        products = [dataclasses.replace(p, scale=p.scale * FAR_SCALE[0]) for p in products]
     widths = [render_sprite(p, RENDER_CAMERA, 0.0)[1].shape[1] - 4 for p in products]   # silhouette width
     offsets = [0.0]
     for k in range(1, n):
@@ -137,6 +154,8 @@ def _plan_lane(run: str, split: str, lane: str, n: int, rng: np.random.Generator
 def _x(lane: _Lane, k: int, t: int) -> float:
     """Image x of product k's centre at frame t (it starts just outside the view)."""
     u = -40.0 + lane.belt[t] - lane.offsets[k]
+    if lane.name == "far":                 # perspective: positions (and speeds) shrink with distance
+        return _perspective_x(u) if lane.direction > 0 else _perspective_x(_perspective_u(WIDTH) - u)
     return u if lane.direction > 0 else WIDTH - u
 
 

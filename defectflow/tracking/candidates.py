@@ -2,12 +2,13 @@
 touching products form one blob.
 
 The background starts as the per-pixel most frequent grey level of the first frames (robust when
-products cover the belt most of the time, unlike a median), then follows slow light changes where
-nothing moves and no track is (a product stopped on the belt stays foreground). A blob longer
+products cover the belt most of the time, unlike a median: see :func:`mode_background`), then follows slow light changes where
+nothing moves, and slowly absorbs what differs but is no travelling product (a product stopped on
+the belt, whose track has travelled, stays foreground; a thing left standing fades in). A blob longer
 than about 1.5 product lengths along the direction of travel is cut into products: at multiples
 of the product length from its fully visible end, each cut moved to the thinnest cross-section
 nearby (the gap or neck between two products, where there is one). The product length is
-``frames.product_length`` or the 30th percentile of the lengths of blobs that touch no lane edge.
+``frames.product_length`` or the 20th percentile of the lengths of blobs that touch no lane edge.
 """
 from __future__ import annotations
 
@@ -21,28 +22,28 @@ import numpy as np
 from defectflow.config import FramesParams
 
 BG_RATE = 0.05               # running background update where nothing moves and nothing is tracked
-MODE_BIN = 8                 # grey levels per bin of the starting background's histogram
+GHOST_RATE = 0.01            # ... where something differs from it but no travelling track covers it
+MODE_SHARE = 0.3             # the starting background: the belt shows in at least this share of the first frames
 SPLIT_AT = 1.5               # a blob this many product lengths long (or more) is cut
 CUT_SEARCH = 0.25            # a cut moves to the thinnest cross-section within this share of a length
 MIN_PIECE = 0.35             # a piece shorter than this share of a length (at a lane edge) joins its neighbour
 LENGTH_SAMPLES = 200         # lengths of separate blobs remembered per lane
 LENGTH_MIN_SAMPLES = 12      # no estimate from fewer
-LENGTH_QUANTILE = 30
+LENGTH_QUANTILE = 20
 
 
 def mode_background(smalls: list[np.ndarray]) -> np.ndarray:
-    """Per-pixel most frequent value of float frames: the mean of the values in the fullest run of three
-    MODE_BIN-level bins."""
-    stack = np.clip(np.stack(smalls), 0, 255).astype(np.float32)
-    q = (stack // MODE_BIN).astype(np.int16)
-    n_bins = 256 // MODE_BIN
-    counts = np.stack([(q == b).sum(axis=0) for b in range(n_bins)]).astype(np.float32)
-    pooled = counts.copy()
-    pooled[1:] += counts[:-1]
-    pooled[:-1] += counts[1:]
-    best = pooled.argmax(axis=0)
-    near = (np.abs(q - best[None]) <= 1).astype(np.float32)
-    return ((stack * near).sum(axis=0) / np.maximum(near.sum(axis=0), 1)).astype(np.float32)
+    """Per-pixel most frequent value of float frames: the mean of the tightest MODE_SHARE of each
+    pixel's values (the shortest window of its sorted values), right while the belt shows in at least
+    that share of the frames, where a median needs half."""
+    stack = np.sort(np.stack(smalls), axis=0)
+    n = len(stack)
+    k = max(1, min(n, int(np.ceil(MODE_SHARE * n))))
+    widths = stack[k - 1:] - stack[:n - k + 1]
+    start = widths.argmin(axis=0)
+    csum = np.concatenate([np.zeros((1,) + stack.shape[1:], np.float32), np.cumsum(stack, axis=0)])
+    total = np.take_along_axis(csum, (start + k)[None], 0)[0] - np.take_along_axis(csum, start[None], 0)[0]
+    return (total / k).astype(np.float32)
 
 
 class BackgroundModel:
@@ -70,11 +71,14 @@ class BackgroundModel:
         return cv2.morphologyEx(raw, cv2.MORPH_CLOSE, self._close)
 
     def update(self, small: np.ndarray, moving: np.ndarray, frozen: list[tuple[int, int, int, int]]) -> None:
-        """Blend ``small`` into the background where nothing moves and outside the ``frozen`` grid boxes."""
-        keep = 1 - moving
+        """Blend ``small`` into the background outside the ``frozen`` grid boxes (products that travelled):
+        at BG_RATE where nothing moves, at GHOST_RATE where something differs but no travelling track is
+        (a product left standing, a ghost of one that stood there while the background started)."""
+        free = np.ones_like(moving)
         for x0, y0, x1, y1 in frozen:
-            keep[max(y0 - 1, 0):y1 + 1, max(x0 - 1, 0):x1 + 1] = 0
-        cv2.accumulateWeighted(small, self.bg, BG_RATE, mask=keep)
+            free[max(y0 - 1, 0):y1 + 1, max(x0 - 1, 0):x1 + 1] = 0
+        cv2.accumulateWeighted(small, self.bg, BG_RATE, mask=free & (1 - moving))
+        cv2.accumulateWeighted(small, self.bg, GHOST_RATE, mask=free & moving)
 
 
 @dataclass
@@ -104,56 +108,55 @@ class LengthEstimate:
         return self.fixed if self.fixed is not None else self._value
 
 
-def _cuts(proj: np.ndarray, length: float, free_end: int) -> list[float]:
-    """Cut positions (in projection units from the blob's start) for a blob of projected pixels ``proj``.
+def _cuts(profile: np.ndarray, length: float, free_end: int) -> list[int]:
+    """Cut positions along a blob's cross-section ``profile`` (pixels per step along the travel).
 
     ``free_end``: 0 = the start is fully visible (cut from there), 1 = the end is, 2 = both (equal parts).
+    Each nominal cut moves to the thinnest smoothed cross-section within CUT_SEARCH of a length.
     """
-    span = float(proj.max()) + 1
+    span = len(profile)
     if free_end == 2:
         n = max(1, int(round(span / length)))
         nominal = [span * k / n for k in range(1, n)]
     else:
-        k_full = int((span - MIN_PIECE * length) // length)
-        steps = [length * k for k in range(1, k_full + 1) if length * k < span - MIN_PIECE * length]
-        nominal = steps if free_end == 0 else [span - s for s in reversed(steps)]
-    profile = np.bincount(proj.astype(np.int64), minlength=int(span)).astype(np.float32)
-    profile = np.convolve(profile, np.array([1, 2, 1], np.float32) / 4, mode="same")
-    cuts = []
+        steps = [length * k for k in range(1, int(span // length) + 1) if length * k < span - MIN_PIECE * length]
+        nominal = steps if free_end == 0 else [span - st for st in reversed(steps)]
+    smooth = np.convolve(profile.astype(np.float32), np.array([1, 2, 1], np.float32) / 4, mode="same")
     reach = CUT_SEARCH * length
+    cuts = []
     for c in nominal:
-        lo, hi = max(1, int(round(c - reach))), min(len(profile) - 1, int(round(c + reach)))
-        cuts.append(float(lo + int(np.argmin(profile[lo:hi + 1]))) if hi > lo else c)
+        lo, hi = max(1, int(round(c - reach))), min(span - 1, int(round(c + reach)))
+        cuts.append(lo + int(np.argmin(smooth[lo:hi + 1])) if hi > lo else int(round(c)))
     return cuts
 
 
-def find_candidates(moving: np.ndarray, lane_mask: np.ndarray, edge_mask: np.ndarray, min_px: float,
+def find_candidates(moving: np.ndarray, lane_mask: np.ndarray, end_mask: np.ndarray | None, min_px: float,
                     direction: np.ndarray | None, lengths: LengthEstimate) -> list[Candidate]:
     """Candidates of one lane: blobs of ``moving`` inside ``lane_mask``; long blobs cut into products.
 
-    ``edge_mask``: the lane's ends (:func:`end_band`; a blob touching one is entering or leaving the
-    view: its length is not a product's, and it is cut from its other end). Separate blobs feed ``lengths``.
+    ``end_mask``: the lane's ends (:func:`end_band`; a blob touching one is entering or leaving the
+    view: its length is not a product's, and it is cut from its other end). Separate blobs feed
+    ``lengths``. ``direction`` None (not known yet): blobs as they are.
     """
     m = moving & lane_mask
-    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)   # 6x faster than labelling
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)   # 6x faster than labelling
     out: list[Candidate] = []
     length = lengths.value()
     axis = None if direction is None else (0 if abs(direction[0]) > 0.999 else 1 if abs(direction[1]) > 0.999 else None)
     for c in contours:
         x, y, w, h = cv2.boundingRect(c)
-        if cv2.contourArea(c) + len(c) / 2 < min_px:          # + half the outline: the pixel count, about
+        if w * h < min_px or cv2.contourArea(c) + (w + h) < min_px:    # + about half the outline: the pixel count
             continue
         box = (x, y, x + w, y + h)
         if direction is None:
             out.append(Candidate(box))
             continue
-        pts = c[:, 0]
-        touching = bool(edge_mask[pts[:, 1], pts[:, 0]].any())
-        sub = None
+        touch = end_mask[y:y + h, x:x + w] & m[y:y + h, x:x + w]
+        touching = bool(touch.any())
         if axis is not None:                       # travel along x or y: the box gives the length
             span = float(w if axis == 0 else h)
         else:
-            proj = pts @ direction
+            proj = c[:, 0] @ direction
             span = float(proj.max() - proj.min()) + 1
         if not touching:
             lengths.add(span)
@@ -163,23 +166,36 @@ def find_candidates(moving: np.ndarray, lane_mask: np.ndarray, edge_mask: np.nda
         sub = np.zeros((h, w), np.uint8)
         cv2.drawContours(sub, [c], -1, 1, -1, offset=(-x, -y))
         sub &= m[y:y + h, x:x + w]
-        out += _split(sub.astype(bool), x, y, direction, length, edge_mask[y:y + h, x:x + w].astype(bool) & (sub > 0))
+        out += _split(sub.astype(bool), x, y, direction, axis, length, (touch & sub).astype(bool))
     return out
 
 
-def _split(sub: np.ndarray, x: int, y: int, direction: np.ndarray, length: float, touch: np.ndarray
-           ) -> list[Candidate]:
-    """Cut one blob (``sub``: its pixels in its box at x, y) into products along ``direction``."""
-    ys, xs = np.nonzero(sub)
-    proj = xs * direction[0] + ys * direction[1]
-    proj = proj - proj.min()
-    span = float(proj.max()) + 1
-    touching = touch[ys, xs]
-    if not touching.any():
+def _split(sub: np.ndarray, x: int, y: int, direction: np.ndarray, axis: int | None, length: float,
+           touch: np.ndarray) -> list[Candidate]:
+    """Cut one blob (``sub``: its pixels in its box at x, y) into products along the travel."""
+    if axis is not None:                           # along columns (x travel) or rows (y travel)
+        along = sub if axis == 0 else sub.T
+        profile = along.sum(axis=0)
         free_end = 2
-    else:                                  # cut from the end away from the lane edge it touches
-        free_end = 0 if proj[touching].mean() > span / 2 else 1
-    edges = [0.0, *_cuts(proj, length, free_end), span]
+        if touch.any():                            # cut from the end away from the lane end it touches
+            at = np.nonzero((touch if axis == 0 else touch.T).any(axis=0))[0].mean()
+            free_end = 0 if at > len(profile) / 2 else 1
+        edges = [0, *_cuts(profile, length, free_end), len(profile)]
+        out = []
+        for a, b in zip(edges[:-1], edges[1:]):
+            across = np.nonzero(along[:, a:b].any(axis=1))[0]
+            if len(across):
+                lo, hi = int(across[0]), int(across[-1]) + 1
+                piece = (x + a, y + lo, x + b, y + hi) if axis == 0 else (x + lo, y + a, x + hi, y + b)
+                out.append(Candidate(piece, split=len(edges) > 2))
+        return out
+    ys, xs = np.nonzero(sub)                       # a diagonal belt: project every pixel
+    proj = np.floor(xs * direction[0] + ys * direction[1]).astype(np.int64)
+    proj -= proj.min()
+    profile = np.bincount(proj)
+    touching = touch[ys, xs]
+    free_end = 2 if not touching.any() else (0 if proj[touching].mean() > len(profile) / 2 else 1)
+    edges = [0, *_cuts(profile, length, free_end), len(profile)]
     out = []
     for a, b in zip(edges[:-1], edges[1:]):
         sel = (proj >= a) & (proj < b)

@@ -126,5 +126,6 @@ class Grid:
         """Frame box -> grid box (rounded outwards, clipped to the grid)."""
         x0, y0, x1, y1 = box
         s, (gw, gh) = self.scale, self.size
-        return (int(np.clip(math.floor((x0 - self.x0) * s), 0, gw)), int(np.clip(math.floor((y0 - self.y0) * s), 0, gh)),
-                int(np.clip(math.ceil((x1 - self.x0) * s), 0, gw)), int(np.clip(math.ceil((y1 - self.y0) * s), 0, gh)))
+        clip = lambda v, hi: min(max(v, 0), hi)  # noqa: E731
+        return (clip(math.floor((x0 - self.x0) * s), gw), clip(math.floor((y0 - self.y0) * s), gh),
+                clip(math.ceil((x1 - self.x0) * s), gw), clip(math.ceil((y1 - self.y0) * s), gh))

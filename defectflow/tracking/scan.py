@@ -20,7 +20,7 @@ from defectflow.tracking.lanes import Grid, Lane
 from defectflow.tracking.tracker import Capture, LaneTracker
 from defectflow.video_decode import Payload, nbytes
 
-BG_FRAMES = 40               # the background starts from this many tracked frames
+BG_FRAMES = 100              # the background starts from (and the warm-up pass runs on) this many tracked frames
 BG_BUFFER_BYTES = 64 << 20   # cap on frames held while the background starts
 RING_STRIDES = 4             # the crossing frame may lie this many strides back (a track matched late)
 
@@ -31,8 +31,8 @@ class VideoTracker:
     def __init__(self, lanes: list[Lane], grid: Grid, fp: FramesParams):
         self.lanes, self.grid, self.stride = lanes, grid, fp.stride
         self.bg = BackgroundModel(grid.scale, fp)
-        self.trackers = [LaneTracker(ln, fp.stride, fp.max_lost_frames, fp.min_pass_frames, fp.min_travel)
-                         for ln in lanes]
+        self.trackers = [LaneTracker(ln, fp.stride, fp.max_lost_frames, fp.min_pass_frames, fp.min_travel,
+                                     fp.tracker) for ln in lanes]
         self.lengths = [LengthEstimate() for _ in lanes]
         self.ends: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(lanes)   # (direction, band)
         self.min_px = [fp.min_area * float(m.sum()) for m in grid.masks]
@@ -43,6 +43,7 @@ class VideoTracker:
         self.started = False
         self.held: list[tuple[int, Payload, np.ndarray | None]] = []
         self.held_bytes = 0
+        self.held_smalls = 0
 
     def wants(self, t: int) -> bool:
         """Whether frame ``t`` is a tracked frame (give its motion image to :meth:`feed`)."""
@@ -56,8 +57,8 @@ class VideoTracker:
             return self._step(t, payload, small)
         self.held.append((t, payload, small))
         self.held_bytes += nbytes(payload)
-        n_small = sum(s is not None for _, _, s in self.held)
-        if n_small >= BG_FRAMES or self.held_bytes >= BG_BUFFER_BYTES:
+        self.held_smalls += small is not None
+        if self.held_smalls >= BG_FRAMES or self.held_bytes >= BG_BUFFER_BYTES:
             return self._start()
         return []
 
@@ -116,7 +117,7 @@ class VideoTracker:
             if lt.lane.product_length is not None and d is not None:
                 lengths.fixed = lt.lane.product_length * lt.lane.extent(d) * self.grid.scale
             cands = find_candidates(moving, self.grid.masks[k], self._ends(k, d), self.min_px[k], d, lengths)
-            started = lt.update(t, [self.grid.to_frame(c.box) for c in cands])
+            started = lt.update(t, [self.grid.to_frame(c.box) for c in cands], d)
             if learning:
                 lt.ended()
                 continue

@@ -1,39 +1,31 @@
-"""Tracks per lane (norfair, on box IoU with a Kalman filter) and the counting line.
+"""Tracks per lane and the counting line.
 
-A track is one product. It is counted once, at its first crossing of the lane's counting line in
-the direction of travel (its centre's signed distance to the line goes from < 0 to >= 0); the
-crossing frame is interpolated between tracker updates. Whether the count stands is decided when
-the track ends: it must have lived ``frames.min_pass_frames`` frames and moved along the travel
-across ``frames.min_travel`` of the lane, and its crossing must agree with the final direction.
-A product that stops, reverses a little and goes on keeps its track and is not counted again; one
-that leaves before the line (or a hand reaching in) is never counted.
+Each lane's candidate boxes go to an association backend (``frames.tracker``, see
+``association.py``); a track is one product. It is counted once, at its first crossing of the
+lane's counting line in the direction of travel (its centre's signed distance to the line goes
+from < 0 to >= 0); the crossing frame is interpolated between tracker updates. Whether the count
+stands is decided when the track ends: it must have lived ``frames.min_pass_frames`` frames and
+moved along the travel across ``frames.min_travel`` of the lane, and its crossing must agree with
+the final direction. A product that stops, reverses a little and goes on keeps its track and is
+not counted again; one that leaves before the line (or a hand reaching in) is never counted.
 
 The direction of travel is the lane's (``direction`` param) or, for ``auto``, the sum of every
 track's displacement in the lane so far (known once tracks have moved a tenth of the lane).
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from norfair import Detection, Tracker
-from norfair.filter import OptimizedKalmanFilterFactory
 
+from defectflow.tracking.association import BACKENDS
 from defectflow.tracking.lanes import Lane
 
-IOU_DISTANCE = 0.9           # norfair distance 1 - IoU: a prediction and a blob overlapping by IoU >= 0.1 match
-INIT_UPDATES = 1             # a track is reported after this many more matched updates
-# box-corner Kalman filters: a belt changes speed within a few updates (stop-and-go), so the velocity
-# must be learnt fast (norfair's defaults, Q 0.1 / velocity variance 1, lag a stride-3 belt into id switches)
-KALMAN = {"R": 4.0, "Q": 5.0, "pos_variance": 10.0, "vel_variance": 100.0}
+FREEZE_TRAVEL = 0.25         # a track freezes the background under it once it moved this share of its size
 AUTO_MIN_TRAVEL = 0.1        # auto direction: known once the tracks moved this share of the lane's diagonal
 
 Box = tuple[float, float, float, float]
-
-# norfair warns on every IoU with a predicted box whose corners crossed (a track shrinking out of view)
-logging.getLogger("norfair.distances").setLevel(logging.ERROR)
 
 
 def _centre(box: Box) -> np.ndarray:
@@ -76,8 +68,10 @@ class _Track:
 class LaneTracker:
     """One lane's tracker: feed candidate boxes (frame px) every update; get captures back."""
 
-    def __init__(self, lane: Lane, stride: int, max_lost_frames: int, min_pass_frames: int, min_travel: float):
+    def __init__(self, lane: Lane, stride: int, max_lost_frames: int, min_pass_frames: int, min_travel: float,
+                 backend: str = "belt"):
         self.lane = lane
+        self.backend = BACKENDS[backend]
         self.stride = stride
         self.min_pass_frames, self.min_travel = min_pass_frames, min_travel
         self.lost_updates = max(1, math.ceil(max_lost_frames / stride))
@@ -91,10 +85,7 @@ class LaneTracker:
         for tr in getattr(self, "tracks", {}).values():
             if tr.last_pos is not None:
                 self.done_motion += tr.last_pos - tr.first_pos
-        self.tracker = Tracker(distance_function="iou", distance_threshold=IOU_DISTANCE,
-                               hit_counter_max=self.lost_updates, initialization_delay=INIT_UPDATES,
-                               past_detections_length=0,
-                               filter_factory=OptimizedKalmanFilterFactory(**KALMAN))
+        self.tracker = self.backend(self.lost_updates)
         self.tracks: dict[int, _Track] = {}
         self.finished: list[tuple[_Track, int]] = []
         self.n_tracks = 0
@@ -113,34 +104,24 @@ class LaneTracker:
 
     # ------------------------------------------------------------------ updates
 
-    def update(self, t: int, boxes: list[Box]) -> list[Capture]:
-        """Tracker update at frame ``t``; returns the captures started (tracks crossing the line now)."""
-        dets = [Detection(np.array([[b[0], b[1]], [b[2], b[3]]], np.float64), data=(t, b)) for b in boxes]
-        objects = self.tracker.update(dets or None, period=1)
+    def update(self, t: int, boxes: list[Box], d: np.ndarray | None = None) -> list[Capture]:
+        """Tracker update at frame ``t`` (``d``: :meth:`direction`, if the caller has it); returns the
+        captures started (tracks crossing the line now)."""
         alive = set()
         started = []
-        d = self.direction()
-        for obj in objects:
-            alive.add(obj.id)
-            det_t, det_box = obj.last_detection.data
-            measured = det_t == t
-            if measured:
-                box = tuple(float(v) for v in det_box)
-            else:
-                est = obj.estimate
-                xa, xb = sorted((float(est[0, 0]), float(est[1, 0])))
-                ya, yb = sorted((float(est[0, 1]), float(est[1, 1])))
-                box = (xa, ya, xb, yb)
+        d = self.direction() if d is None else d
+        for tid, box, measured in self.tracker.update(boxes):
+            alive.add(tid)
             pos = _centre(box)
-            tr = self.tracks.get(obj.id)
+            tr = self.tracks.get(tid)
             if tr is None:
-                tr = self.tracks[obj.id] = _Track(first_t=t, first_pos=pos)
+                tr = self.tracks[tid] = _Track(first_t=t, first_pos=pos)
                 self.n_tracks += 1
             tr.history[t] = box
             if not measured:
                 continue
             if d is not None and tr.capture is None and tr.last_pos is not None:
-                cap = self._crossing(obj.id, tr, t, pos, d)
+                cap = self._crossing(tid, tr, t, pos, d)
                 if cap is not None:
                     tr.capture = cap
                     started.append(cap)
@@ -171,8 +152,15 @@ class LaneTracker:
             self._end(tid)
 
     def frozen_boxes(self) -> list[Box]:
-        """Current boxes of the live tracks (the background is not updated under them)."""
-        return [tr.history[max(tr.history)] for tr in self.tracks.values() if tr.history]
+        """Current boxes of the live tracks that have travelled (a quarter of their size or more): the
+        background is not updated under them, so a product that stops on the belt stays foreground."""
+        out = []
+        for tr in self.tracks.values():
+            if tr.history and tr.last_pos is not None:
+                box = tr.history[max(tr.history)]
+                if float(np.hypot(*(tr.last_pos - tr.first_pos))) >= FREEZE_TRAVEL * max(box[2] - box[0], box[3] - box[1]):
+                    out.append(box)
+        return out
 
     def live_captures(self) -> list[Capture]:
         return [tr.capture for tr in self.tracks.values() if tr.capture is not None]
