@@ -23,9 +23,11 @@ from defectflow.config import FramesParams
 
 BG_RATE = 0.05               # running background update where nothing moves and nothing is tracked
 GHOST_RATE = 0.01            # ... where something differs from it but no travelling track covers it
+MIN_FREE = 3                 # frames a pixel must be free of products in to take its background from them
 MODE_SHARE = 0.3             # the starting background: the belt shows in at least this share of the first frames
 SPLIT_AT = 1.5               # a blob this many product lengths long (or more) is cut
-CUT_SEARCH = 0.25            # a cut moves to the thinnest cross-section within this share of a length
+CUT_SEARCH = 0.25            # a cut moves to the thinnest cross-section within this share of a length,
+NECK_DEPTH = 0.8             # ... if it is this much thinner than at the nominal cut (else: a flat side)
 MIN_PIECE = 0.35             # a piece shorter than this share of a length (at a lane edge) joins its neighbour
 LENGTH_SAMPLES = 200         # lengths of separate blobs remembered per lane
 LENGTH_MIN_SAMPLES = 12      # no estimate from fewer
@@ -44,6 +46,18 @@ def mode_background(smalls: list[np.ndarray]) -> np.ndarray:
     csum = np.concatenate([np.zeros((1,) + stack.shape[1:], np.float32), np.cumsum(stack, axis=0)])
     total = np.take_along_axis(csum, (start + k)[None], 0)[0] - np.take_along_axis(csum, start[None], 0)[0]
     return (total / k).astype(np.float32)
+
+
+def masked_background(smalls: list[np.ndarray], covers: list[np.ndarray], fallback: np.ndarray) -> np.ndarray:
+    """Per-pixel median of the frames where ``covers`` (0/1, one per frame) leaves the pixel free;
+    ``fallback`` where fewer than MIN_FREE frames do."""
+    keyed = np.stack([np.clip(np.round(s), 0, 255) for s in smalls]).astype(np.uint16)
+    cov = np.stack(covers).astype(bool)
+    keyed[cov] += 256                                  # covered samples sort after every free one
+    keyed.sort(axis=0)
+    n_free = (~cov).sum(axis=0)
+    med = np.take_along_axis(keyed, np.maximum((n_free - 1) // 2, 0)[None], axis=0)[0].astype(np.float32)
+    return np.where(n_free >= MIN_FREE, med, fallback).astype(np.float32)
 
 
 class BackgroundModel:
@@ -112,7 +126,8 @@ def _cuts(profile: np.ndarray, length: float, free_end: int) -> list[int]:
     """Cut positions along a blob's cross-section ``profile`` (pixels per step along the travel).
 
     ``free_end``: 0 = the start is fully visible (cut from there), 1 = the end is, 2 = both (equal parts).
-    Each nominal cut moves to the thinnest smoothed cross-section within CUT_SEARCH of a length.
+    Each nominal cut moves to the thinnest smoothed cross-section within CUT_SEARCH of a length, if that
+    is clearly thinner (NECK_DEPTH) than at the nominal cut: two flat sides touching have no neck.
     """
     span = len(profile)
     if free_end == 2:
@@ -125,8 +140,10 @@ def _cuts(profile: np.ndarray, length: float, free_end: int) -> list[int]:
     reach = CUT_SEARCH * length
     cuts = []
     for c in nominal:
+        at = min(max(int(round(c)), 1), span - 1)
         lo, hi = max(1, int(round(c - reach))), min(span - 1, int(round(c + reach)))
-        cuts.append(lo + int(np.argmin(smooth[lo:hi + 1])) if hi > lo else int(round(c)))
+        best = lo + int(np.argmin(smooth[lo:hi + 1])) if hi > lo else at
+        cuts.append(best if smooth[best] < NECK_DEPTH * smooth[at] else at)     # a real gap or neck only
     return cuts
 
 

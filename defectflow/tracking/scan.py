@@ -15,7 +15,8 @@ from collections import deque
 import numpy as np
 
 from defectflow.config import FramesParams
-from defectflow.tracking.candidates import BackgroundModel, LengthEstimate, end_band, find_candidates
+from defectflow.tracking.candidates import (BackgroundModel, LengthEstimate, end_band, find_candidates,
+                                            masked_background)
 from defectflow.tracking.lanes import Grid, Lane
 from defectflow.tracking.tracker import Capture, LaneTracker
 from defectflow.video_decode import Payload, nbytes
@@ -64,7 +65,8 @@ class VideoTracker:
 
     def _start(self) -> list[Capture]:
         """Start the background on the held frames, learn direction and product length on them
-        (a first pass whose tracks are dropped), then replay them."""
+        (a first pass whose tracks are dropped), restart the background from the held frames with
+        that pass's product boxes masked out, then replay them."""
         smalls = [s for _, _, s in self.held if s is not None]
         self.started = True
         if not smalls:
@@ -72,12 +74,14 @@ class VideoTracker:
             return []
         self.bg.start(smalls)
         start_bg = self.bg.bg.copy()
+        self.covers = []
         for t, _, small in self.held:
             if small is not None:
                 self._track(t, small, learning=True)
         for lt in self.trackers:
             lt.restart()
-        self.bg.bg = start_bg
+        self.bg.bg = masked_background(smalls, self.covers, start_bg)
+        self.covers = []
         self.open, self.log = [], []
         held, self.held = self.held, []
         done = []
@@ -111,6 +115,7 @@ class VideoTracker:
         """One tracked frame: candidates per lane, tracker updates, captures; ``learning``: the first
         pass over the held frames (captures and log dropped)."""
         moving = self.bg.moving(small)
+        cover = np.zeros_like(moving) if learning else None
         for k, lt in enumerate(self.trackers):
             d = lt.direction()
             lengths = self.lengths[k]
@@ -119,6 +124,9 @@ class VideoTracker:
             cands = find_candidates(moving, self.grid.masks[k], self._ends(k, d), self.min_px[k], d, lengths)
             started = lt.update(t, [self.grid.to_frame(c.box) for c in cands], d)
             if learning:
+                for c in cands:
+                    x0, y0, x1, y1 = c.box
+                    cover[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = 1
                 lt.ended()
                 continue
             for cap in started:
@@ -130,6 +138,8 @@ class VideoTracker:
                 if t in tr.history:
                     self.log.append((t, lt.lane.name, tid, *tr.history[t]))
             self._ended(lt)
+        if learning:
+            self.covers.append(cover)
         frozen = [self.grid.to_grid(b) for lt in self.trackers for b in lt.frozen_boxes()]
         self.bg.update(small, moving, frozen)
 
