@@ -81,7 +81,7 @@ class LaneParams(_Strict):
 
 class FramesParams(_Strict):
     window: int = Field(5, ge=1, le=31, description="frames kept per product pass, centred on the counting line")
-    motion_threshold: int = Field(25, ge=1, le=254)
+    motion_threshold: int = Field(25, ge=1, le=254, description="grey-level change that counts as motion")
     min_area: float = Field(0.01, gt=0.0, lt=1.0, description="smallest moving blob, fraction of the region")
     min_pass_frames: int = Field(3, ge=1, le=1000)
     region: Optional[Region] = Field(

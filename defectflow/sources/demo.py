@@ -247,8 +247,17 @@ def _tables(runs: list[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return videos, passes
 
 
-def generate(out_dir: Path, size: str = "small", seed: int = 0) -> dict:
-    """Write a demo videos folder to ``out_dir`` (replaced atomically); return the demo.json content."""
+def generate(out_dir: Path, size: str = "small", seed: int = 0, kind: str = "cameras") -> dict:
+    """Write a demo videos folder to ``out_dir`` (replaced atomically); return the demo.json content.
+
+    ``kind``: ``cameras`` (this module: one product at a time, four cameras) or ``streams``
+    (``demo_streams.py``: continuous streams, several products in view).
+    """
+    if kind == "streams":
+        from defectflow.sources.demo_streams import generate_streams
+        return generate_streams(out_dir, size=size, seed=seed)
+    if kind != "cameras":
+        raise DefectflowError(f"demo kind must be cameras or streams, got {kind!r}")
     t0 = time.perf_counter()
     runs = plan(size, seed)
     out_dir = Path(out_dir)
@@ -279,7 +288,7 @@ def _summary(runs: list[Run], size: str, seed: int) -> dict:
         by_split[split] = {"runs": sum(r.split == split for r in runs), "products": len(ps),
                            "defective": sum(p.label == "defect" for p in ps)}
     return {
-        "size": size, "seed": seed, "width": WIDTH, "height": HEIGHT, "fps": FPS, "cameras": list(CAMERAS),
+        "kind": "cameras", "size": size, "seed": seed, "width": WIDTH, "height": HEIGHT, "fps": FPS, "cameras": list(CAMERAS),
         "counts": {"runs": len(runs), "videos": len(runs) * len(CAMERAS), "products": len(products),
                    "defective": sum(p.label == "defect" for p in products),
                    "passes": len(products) * len(CAMERAS), "frames": sum(r.n_frames for r in runs) * len(CAMERAS)},
@@ -294,8 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--streams", action="store_true", help="continuous product streams (demo_streams.py)")
     a = ap.parse_args(argv)
-    info = generate(a.out_dir, a.size, a.seed)
+    info = generate(a.out_dir, a.size, a.seed, kind="streams" if a.streams else "cameras")
     print(json.dumps({"out_dir": str(a.out_dir), **info["counts"], "seconds": info["seconds"]}))
 
 

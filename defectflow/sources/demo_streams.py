@@ -9,7 +9,7 @@ demo's bottles and jars (``demo_render.py``) on a noisy belt:
   second, sometimes backs up a little first, and starts again.
 - ``lanes`` (camera ``lanes``): two belts seen in perspective, each its own speed and
   direction: ``near`` along the bottom, ``far`` higher up, tilted, its products smaller and
-  shrinking as they go away. :func:`lanes_params` gives the matching ``frames.lanes``.
+  shrinking as they go away. :func:`frames_params` gives the matching ``frames`` params.
 
 The direction of travel alternates between runs (``frames.direction: auto`` finds it). Files as
 the cameras demo (ARCHITECTURE.md, "Demo data format") plus a ``lane`` column in ``passes.csv`` and
@@ -48,6 +48,7 @@ SPEED = (6.0, 9.0)         # belt speed, px per frame
 SCALE_QUANTUM = 0.02       # far-lane sprites are re-rendered per step of scale
 RENDER_CAMERA = "cam0"     # the product side the stream camera sees (defect visibility)
 KINDS = ("bottle", "jar")
+MOTION_THRESHOLD = 20      # frames.motion_threshold for these scenes (see frames_params)
 
 # two lanes seen in perspective (fractions of the frame); the far belt is tilted
 FAR_BELT = (100.0, 92.0)   # far belt centre line y at x = 0 and x = WIDTH
@@ -59,9 +60,11 @@ LANES = {
 }
 
 
-def lanes_params() -> dict:
-    """The ``frames`` params section for the stream demo: the two lanes of the ``lanes`` camera."""
-    return {"lanes": [{"name": name, "region": spec["region"], "cameras": [SCENE_CAMERA["lanes"]]}
+def frames_params() -> dict:
+    """The ``frames`` params section for the stream demo: the two lanes of the ``lanes`` camera, and a
+    motion threshold of 20 (the default 25 loses the shaded side of the products on the dark belt)."""
+    return {"motion_threshold": MOTION_THRESHOLD,
+            "lanes": [{"name": name, "region": spec["region"], "cameras": [SCENE_CAMERA["lanes"]]}
                       for name, spec in LANES.items()]}
 
 
@@ -282,7 +285,7 @@ def generate_streams(out_dir: Path, size: str = "small", seed: int = 0) -> dict:
                                      "is_center"]).to_csv(tmp / "truth" / "boxes.csv", index=False)
         n_products = sum(len(ln.products) for r in runs for ln in r.lanes)
         info = {"kind": "streams", "size": size, "seed": seed, "width": WIDTH, "height": HEIGHT, "fps": FPS,
-                "frames_params": lanes_params(),
+                "frames_params": frames_params(),
                 "counts": {"runs": len(runs), "videos": len(runs), "products": n_products, "passes": n_products,
                            "defective": int((passes["label"] == "defect").sum()),
                            "frames": sum(r.n_frames for r in runs)},

@@ -8,7 +8,7 @@ the belt, whose track has travelled, stays foreground; a thing left standing fad
 than about 1.5 product lengths along the direction of travel is cut into products: at multiples
 of the product length from its fully visible end, each cut moved to the thinnest cross-section
 nearby (the gap or neck between two products, where there is one). The product length is
-``frames.product_length`` or the 20th percentile of the lengths of blobs that touch no lane edge.
+``frames.product_length`` or learnt from the blobs that touch no lane end (:class:`LengthEstimate`).
 """
 from __future__ import annotations
 
@@ -104,19 +104,28 @@ class Candidate:
 
 
 class LengthEstimate:
-    """Product length along the travel (grid px) of one lane: a param, or learnt from separate blobs."""
+    """Product length along the travel (grid px) of one lane: a param, or learnt from separate blobs.
+
+    The learnt length is the LENGTH_QUANTILE-th percentile of the separate blobs' lengths, each
+    weighted by its area: fragments of a product (a label that matches the belt cut one in two)
+    weigh little, so the estimate stays on whole products.
+    """
 
     def __init__(self, fixed_px: float | None = None):
         self.fixed = fixed_px
-        self.samples: deque[float] = deque(maxlen=LENGTH_SAMPLES)
+        self.samples: deque[tuple[float, float]] = deque(maxlen=LENGTH_SAMPLES)
         self._value: float | None = None
         self._added = 0
 
-    def add(self, length: float) -> None:
-        self.samples.append(length)
+    def add(self, length: float, area: float) -> None:
+        self.samples.append((length, area))
         self._added += 1
         if len(self.samples) >= LENGTH_MIN_SAMPLES and (self._value is None or self._added >= 8):
-            self._value, self._added = float(np.percentile(self.samples, LENGTH_QUANTILE)), 0
+            lengths, areas = np.array(self.samples).T
+            order = np.argsort(lengths)
+            cum = np.cumsum(areas[order])
+            k = int(np.searchsorted(cum, LENGTH_QUANTILE / 100 * cum[-1]))
+            self._value, self._added = float(lengths[order][min(k, len(order) - 1)]), 0
 
     def value(self) -> float | None:
         return self.fixed if self.fixed is not None else self._value
@@ -176,7 +185,7 @@ def find_candidates(moving: np.ndarray, lane_mask: np.ndarray, end_mask: np.ndar
             proj = c[:, 0] @ direction
             span = float(proj.max() - proj.min()) + 1
         if not touching:
-            lengths.add(span)
+            lengths.add(span, float(w * h))
         if length is None or span < SPLIT_AT * length:
             out.append(Candidate(box))
             continue

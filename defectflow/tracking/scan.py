@@ -130,9 +130,9 @@ class VideoTracker:
                 lt.ended()
                 continue
             for cap in started:
-                lo = max(cap.center, t - RING_STRIDES * self.stride) - self.before
-                cap.frames = {i: f for i, f in self.ring if i >= lo}
-                cap.center = max(cap.center, t - RING_STRIDES * self.stride)
+                cap.center = max(cap.center, t - RING_STRIDES * self.stride)     # the ring reaches this far
+                cap.frames = {i: f for i, f in self.ring
+                              if cap.center - self.before <= i <= cap.center + self.after}
                 self.open.append(cap)
             for tid, tr in lt.tracks.items():
                 if t in tr.history:
