@@ -31,6 +31,7 @@ NECK_DEPTH = 0.8             # ... if it is this much thinner than at the nomina
 MIN_PIECE = 0.35             # a piece shorter than this share of a length (at a lane edge) joins its neighbour
 LENGTH_SAMPLES = 200         # lengths of separate blobs remembered per lane
 LENGTH_MIN_SAMPLES = 12      # no estimate from fewer
+LENGTH_REFRESH = 32          # the estimate is refreshed every this many new samples
 LENGTH_QUANTILE = 20
 
 
@@ -120,7 +121,7 @@ class LengthEstimate:
     def add(self, length: float, area: float) -> None:
         self.samples.append((length, area))
         self._added += 1
-        if len(self.samples) >= LENGTH_MIN_SAMPLES and (self._value is None or self._added >= 8):
+        if len(self.samples) >= LENGTH_MIN_SAMPLES and (self._value is None or self._added >= LENGTH_REFRESH):
             lengths, areas = np.array(self.samples).T
             order = np.argsort(lengths)
             cum = np.cumsum(areas[order])

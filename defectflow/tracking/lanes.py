@@ -41,12 +41,10 @@ class Lane:
     line: tuple[np.ndarray, np.ndarray] | None = None   # two points of the counting line; None: through centre
     product_length: float | None = None       # fraction of the lane's extent along the travel
 
-    @property
-    def centre(self) -> np.ndarray:
+    def __post_init__(self):
         m = cv2.moments(self.polygon.astype(np.float32))
-        if m["m00"] <= 0:
-            return self.polygon.mean(axis=0)
-        return np.array([m["m10"] / m["m00"], m["m01"] / m["m00"]])
+        self.centre = (self.polygon.mean(axis=0) if m["m00"] <= 0
+                       else np.array([m["m10"] / m["m00"], m["m01"] / m["m00"]]))   # the polygon's centroid
 
     def extent(self, d: np.ndarray) -> float:
         """Length of the lane along direction ``d`` (frame px)."""

@@ -21,7 +21,8 @@ from defectflow.tracking.lanes import Grid, Lane
 from defectflow.tracking.tracker import Capture, LaneTracker
 from defectflow.video_decode import Payload, nbytes
 
-BG_FRAMES = 100              # the background starts from (and the warm-up pass runs on) this many tracked frames
+BG_FRAMES = 100              # the warm-up pass runs on this many tracked frames (direction, product length)
+BG_SAMPLES = 40              # ... of which this many, evenly spread, give the first background (the mode)
 BG_BUFFER_BYTES = 64 << 20   # cap on frames held while the background starts
 RING_STRIDES = 4             # the crossing frame may lie this many strides back (a track matched late)
 
@@ -72,7 +73,8 @@ class VideoTracker:
         if not smalls:
             self.held = []
             return []
-        self.bg.start(smalls)
+        pick = np.unique(np.linspace(0, len(smalls) - 1, min(len(smalls), BG_SAMPLES)).round().astype(int))
+        self.bg.start([smalls[i] for i in pick])
         start_bg = self.bg.bg.copy()
         self.covers = []
         for t, _, small in self.held:
