@@ -6,8 +6,9 @@ products cover the belt most of the time, unlike a median: see :func:`mode_backg
 nothing moves, and slowly absorbs what differs but is no travelling product (a product stopped on
 the belt, whose track has travelled, stays foreground; a thing left standing fades in). A blob longer
 than about 1.5 product lengths along the direction of travel is cut into products: at multiples
-of the product length from its fully visible end, each cut moved to the thinnest cross-section
-nearby (the gap or neck between two products, where there is one). The product length is
+of the product length from its fully visible end (equal parts when both ends are visible; at the
+phase that puts the cuts on the thinnest cross-sections when it runs across the whole lane), each
+cut moved to the thinnest cross-section nearby (the gap or neck between two products, if clear). The product length is
 ``frames.product_length`` or learnt from the blobs that touch no lane end (:class:`LengthEstimate`).
 """
 from __future__ import annotations
@@ -135,26 +136,46 @@ class LengthEstimate:
 def _cuts(profile: np.ndarray, length: float, free_end: int) -> list[int]:
     """Cut positions along a blob's cross-section ``profile`` (pixels per step along the travel).
 
-    ``free_end``: 0 = the start is fully visible (cut from there), 1 = the end is, 2 = both (equal parts).
-    Each nominal cut moves to the thinnest smoothed cross-section within CUT_SEARCH of a length, if that
-    is clearly thinner (NECK_DEPTH) than at the nominal cut: two flat sides touching have no neck.
+    ``free_end``: 0 = the start is fully visible (cut from there at multiples of ``length``), 1 = the
+    end is, 2 = both (equal parts), 3 = neither (the blob runs across the lane: multiples of
+    ``length`` at the phase whose cuts fall on the thinnest cross-sections). Each cut then moves to
+    the thinnest smoothed cross-section within CUT_SEARCH of a length, if that is clearly thinner
+    (NECK_DEPTH) than at the nominal cut: two flat sides touching have no neck.
     """
     span = len(profile)
+    smooth = np.convolve(profile.astype(np.float32), np.array([1, 2, 1], np.float32) / 4, mode="same")
     if free_end == 2:
         n = max(1, int(round(span / length)))
         nominal = [span * k / n for k in range(1, n)]
+    elif free_end == 3:
+        best = None
+        for phase in np.arange(0.0, length, 1.0):
+            grid = np.arange(phase, span, length)
+            grid = grid[(grid >= 1) & (grid <= span - 1)]
+            if len(grid):
+                score = float(smooth[np.round(grid).astype(int)].mean())
+                if best is None or score < best[0]:
+                    best = (score, list(grid))
+        nominal = best[1] if best else []
     else:
         steps = [length * k for k in range(1, int(span // length) + 1) if length * k < span - MIN_PIECE * length]
         nominal = steps if free_end == 0 else [span - st for st in reversed(steps)]
-    smooth = np.convolve(profile.astype(np.float32), np.array([1, 2, 1], np.float32) / 4, mode="same")
     reach = CUT_SEARCH * length
     cuts = []
     for c in nominal:
         at = min(max(int(round(c)), 1), span - 1)
         lo, hi = max(1, int(round(c - reach))), min(span - 1, int(round(c + reach)))
-        best = lo + int(np.argmin(smooth[lo:hi + 1])) if hi > lo else at
-        cuts.append(best if smooth[best] < NECK_DEPTH * smooth[at] else at)     # a real gap or neck only
-    return cuts
+        best_at = lo + int(np.argmin(smooth[lo:hi + 1])) if hi > lo else at
+        cuts.append(best_at if smooth[best_at] < NECK_DEPTH * smooth[at] else at)     # a real gap or neck only
+    return sorted(set(cuts))
+
+
+def _free_end(touch_pos: np.ndarray, span: int) -> int:
+    """Which end of a blob is fully visible, from the positions (along the travel) of its pixels on a lane end."""
+    if not len(touch_pos):
+        return 2
+    low, high = bool((touch_pos < span / 2).any()), bool((touch_pos >= span / 2).any())
+    return 3 if low and high else (0 if high else 1)
 
 
 def find_candidates(moving: np.ndarray, lane_mask: np.ndarray, end_mask: np.ndarray | None, min_px: float,
@@ -203,10 +224,7 @@ def _split(sub: np.ndarray, x: int, y: int, direction: np.ndarray, axis: int | N
     if axis is not None:                           # along columns (x travel) or rows (y travel)
         along = sub if axis == 0 else sub.T
         profile = along.sum(axis=0)
-        free_end = 2
-        if touch.any():                            # cut from the end away from the lane end it touches
-            at = np.nonzero((touch if axis == 0 else touch.T).any(axis=0))[0].mean()
-            free_end = 0 if at > len(profile) / 2 else 1
+        free_end = _free_end(np.nonzero((touch if axis == 0 else touch.T).any(axis=0))[0], len(profile))
         edges = [0, *_cuts(profile, length, free_end), len(profile)]
         out = []
         for a, b in zip(edges[:-1], edges[1:]):
@@ -220,8 +238,7 @@ def _split(sub: np.ndarray, x: int, y: int, direction: np.ndarray, axis: int | N
     proj = np.floor(xs * direction[0] + ys * direction[1]).astype(np.int64)
     proj -= proj.min()
     profile = np.bincount(proj)
-    touching = touch[ys, xs]
-    free_end = 2 if not touching.any() else (0 if proj[touching].mean() > len(profile) / 2 else 1)
+    free_end = _free_end(proj[touch[ys, xs]], len(profile))
     edges = [0, *_cuts(profile, length, free_end), len(profile)]
     out = []
     for a, b in zip(edges[:-1], edges[1:]):
