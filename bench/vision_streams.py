@@ -14,8 +14,8 @@ perspective) into ``work/streams`` and runs the frames stage on it with ``frames
   ``stream_order_errors``: captures whose pass index (hence product id and label) is not the true one;
 - ``stream_centre_frame_err_max`` / ``_mean``: frames between the capture's centre frame and the
   true one, where every frame in which the product's true centre is within ``CENTRE_TOL_PX`` of
-  where it is at the true centre frame counts as the true one (a product stopped at the line is
-  at the line in all of those frames); ``..._strict``: plain |capture - true centre frame|;
+  where it is at the true centre frame counts as the true one (a product that stops or backs up at
+  the line is there in several frames); ``..._strict``: plain |capture - true centre frame|;
 - ``stream_id_switches``: over every tracked frame, each true product is matched to a track
   (IoU >= 0.3); a change of that track along the product's life is one switch;
 - ``stream_frames_vs_decode_ratio``: frames stage wall time / a bare ``cv2.VideoCapture`` read loop
@@ -95,21 +95,14 @@ def capture_figures(truth: pd.DataFrame, df: pd.DataFrame) -> dict:
 
 
 def _frames_at_line(truth: pd.DataFrame) -> dict[tuple, list[int]]:
-    """Per true pass: its centre frame and the frames around it where its centre is within CENTRE_TOL_PX of
-    its centre at that frame (the demo's belts run along x)."""
+    """Per true pass: the frames where its centre is within CENTRE_TOL_PX of where it is at its true
+    centre frame (a product that stops or backs up at the line is there in several; the demo's belts
+    run along x)."""
     out = {}
     for key, g in truth.groupby(["run", "camera", "lane", "pass_index"]):
-        g = g.sort_values("frame_index")
         cx = ((g["x0"] + g["x1"]) / 2).to_numpy()
-        f = g["frame_index"].to_numpy()
-        i = int(np.nonzero(g["is_center"].to_numpy())[0][0])
-        near = np.abs(cx - cx[i]) <= CENTRE_TOL_PX
-        lo, hi = i, i
-        while lo > 0 and near[lo - 1] and f[lo - 1] == f[lo] - 1:
-            lo -= 1
-        while hi < len(f) - 1 and near[hi + 1] and f[hi + 1] == f[hi] + 1:
-            hi += 1
-        out[key] = [int(v) for v in f[lo:hi + 1]]
+        at = cx[g["is_center"].to_numpy()][0]
+        out[key] = [int(f) for f in g["frame_index"].to_numpy()[np.abs(cx - at) <= CENTRE_TOL_PX]]
     return out
 
 
@@ -200,7 +193,8 @@ def main() -> None:
         Path(args.work).mkdir(parents=True, exist_ok=True)
         print(json.dumps(measure_streams(Path(args.work), args.size)))
         return
-    with tempfile.TemporaryDirectory(prefix="vision_streams_") as tmp:
+    ram = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(prefix="vision_streams_", dir=ram if ram.is_dir() else None) as tmp:
         print(json.dumps(measure_streams(Path(tmp), args.size)))
 
 

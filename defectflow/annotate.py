@@ -103,8 +103,7 @@ def annotate_videos(window_rows: pd.DataFrame, scored: pd.DataFrame, verdicts: p
     product_verdict = verdicts.set_index("product_id")["verdict"]
     written = []
     for video, rows in window_rows.dropna(subset=["video_path"]).groupby("video_path"):
-        passes = []
-        labelled = {}
+        labelled, windows = {}, {}
         for (product, camera), prow in rows.groupby(["product_id", "camera"]):
             if (product, camera) not in cam_score.index:
                 continue
@@ -114,13 +113,14 @@ def annotate_videos(window_rows: pd.DataFrame, scored: pd.DataFrame, verdicts: p
             colour = RED if flagged else ORANGE if other else GREEN
             verdict = "DEFECT" if flagged else "defect (other cam)" if other else "good"
             labelled[product] = (f"{product} {verdict} {score:.2f}", colour)
-            passes.append((pass_tracks(prow), f"{product} {verdict} {score:.2f}", colour))
-        if not passes:
+            windows[product] = prow
+        if not labelled:
             continue
-        tracks_path = rows["tracks_path"].dropna().iloc[0] if "tracks_path" in rows and rows["tracks_path"].notna().any() \
-            else None
-        if tracks_path is not None and Path(tracks_path).is_file():
-            passes = _track_passes(pd.read_parquet(tracks_path), rows, labelled)
+        logged = rows["tracks_path"].dropna() if "tracks_path" in rows else pd.Series(dtype=str)
+        if len(logged) and Path(logged.iloc[0]).is_file():
+            passes = _track_passes(pd.read_parquet(logged.iloc[0]), rows, labelled)
+        else:
+            passes = [(pass_tracks(windows[p]), *labelled[p]) for p in labelled]
         out = out_dir / f"{Path(video).stem}.avi"
         n = annotate_video(Path(video), out, passes)
         log.info("evaluate: annotated %s (%d frames, %d products) -> %s", video, n, len(labelled), out)
