@@ -28,6 +28,7 @@ MIN_FREE = 3                 # frames a pixel must be free of products in to tak
 MODE_SHARE = 0.3             # the starting background: the belt shows in at least this share of the first frames
 SPLIT_AT = 1.5               # a blob this many product lengths long (or more) is cut
 CUT_SEARCH = 0.25            # a cut moves to the thinnest cross-section within this share of a length,
+PHASE_SEARCH = 0.3           # a blob with one visible end: its cut phase within this share of a length of that end's
 NECK_DEPTH = 0.8             # ... if it is this much thinner than at the nominal cut (else: a flat side)
 MIN_PIECE = 0.35             # a piece shorter than this share of a length (at a lane edge) joins its neighbour
 LENGTH_SAMPLES = 200         # lengths of separate blobs remembered per lane
@@ -147,19 +148,24 @@ def _cuts(profile: np.ndarray, length: float, free_end: int) -> list[int]:
     if free_end == 2:
         n = max(1, int(round(span / length)))
         nominal = [span * k / n for k in range(1, n)]
-    elif free_end == 3:
+    else:
+        # multiples of the length at the phase whose cuts fall on the thinnest cross-sections: any phase
+        # for a blob across the lane, near the fully visible end's phase otherwise (that end may have
+        # lost a shaded edge to the background, so it only anchors the search)
+        anchor = 0.0 if free_end == 0 else (span % length if free_end == 1 else None)
+        phases = np.arange(0.0, length, 1.0)
+        if anchor is not None:
+            off = (phases - anchor + length / 2) % length - length / 2
+            phases = phases[np.abs(off) <= PHASE_SEARCH * length]
         best = None
-        for phase in np.arange(0.0, length, 1.0):
+        for phase in phases:
             grid = np.arange(phase, span, length)
-            grid = grid[(grid >= 1) & (grid <= span - 1)]
+            grid = grid[(grid >= MIN_PIECE * length) & (grid <= span - MIN_PIECE * length)]
             if len(grid):
                 score = float(smooth[np.round(grid).astype(int)].mean())
-                if best is None or score < best[0]:
+                if best is None or score < best[0] - 1e-6:
                     best = (score, list(grid))
         nominal = best[1] if best else []
-    else:
-        steps = [length * k for k in range(1, int(span // length) + 1) if length * k < span - MIN_PIECE * length]
-        nominal = steps if free_end == 0 else [span - st for st in reversed(steps)]
     reach = CUT_SEARCH * length
     cuts = []
     for c in nominal:
