@@ -157,15 +157,13 @@ def _cuts(profile: np.ndarray, length: float, free_end: int) -> list[int]:
         if anchor is not None:
             off = (phases - anchor + length / 2) % length - length / 2
             phases = phases[np.abs(off) <= PHASE_SEARCH * length]
-        best = None
-        for phase in phases:
-            grid = np.arange(phase, span, length)
-            grid = grid[(grid >= MIN_PIECE * length) & (grid <= span - MIN_PIECE * length)]
-            if len(grid):
-                score = float(smooth[np.round(grid).astype(int)].mean())
-                if best is None or score < best[0] - 1e-6:
-                    best = (score, list(grid))
-        nominal = best[1] if best else []
+        grid = phases[:, None] + length * np.arange(int(span // length) + 1)[None, :]    # (phases, cuts)
+        valid = (grid >= MIN_PIECE * length) & (grid <= span - MIN_PIECE * length)
+        at = np.clip(np.round(grid).astype(int), 0, span - 1)
+        counts = valid.sum(axis=1)
+        score = np.where(counts > 0, (smooth[at] * valid).sum(axis=1) / np.maximum(counts, 1), np.inf)
+        best = int(np.argmin(score)) if len(score) else -1
+        nominal = list(grid[best][valid[best]]) if best >= 0 and np.isfinite(score[best]) else []
     reach = CUT_SEARCH * length
     cuts = []
     for c in nominal:
