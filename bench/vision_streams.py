@@ -181,7 +181,8 @@ def contact_sheet(df: pd.DataFrame, path: Path, per_scene: int = 8) -> str:
         if tiles:
             h, w = tiles[0].shape[:2]
             tiles += [np.zeros((h, w, 3), np.uint8)] * (per_scene - len(tiles))
-            rows.append(np.hstack([np.vstack(tiles[i:i + per_scene // 2]) for i in (0, per_scene // 2)]))
+            half = per_scene // 2
+            rows.append(np.vstack([np.hstack(tiles[:half]), np.hstack(tiles[half:])]))     # two rows per scene
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), np.vstack(rows))
     return path.relative_to(ROOT).as_posix()
