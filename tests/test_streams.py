@@ -178,6 +178,7 @@ def test_example_params_match_the_demo():
     expected = demo_streams.frames_params()
     assert p["frames"]["lanes"] == expected["lanes"]
     assert p["frames"]["motion_threshold"] == expected["motion_threshold"]
+    assert p["frames"]["region"] == expected["region"]
     assert p["source"]["demo_kind"] == "streams"
     with pytest.raises(Exception, match="demo kind"):
         demo.generate(Path("unused"), kind="belts")

@@ -49,6 +49,7 @@ SCALE_QUANTUM = 0.02       # far-lane sprites are re-rendered per step of scale
 RENDER_CAMERA = "cam0"     # the product side the stream camera sees (defect visibility)
 KINDS = ("bottle", "jar")
 MOTION_THRESHOLD = 20      # frames.motion_threshold for these scenes (see frames_params)
+BELT_REGION = (0.0, 0.2, 1.0, 0.86)   # frames.region of camera belt: the belt and the products on it
 
 # two lanes seen in perspective (fractions of the frame); the far belt is tilted
 FAR_BELT = (100.0, 92.0)   # far belt centre line y at x = 0 and x = WIDTH
@@ -61,9 +62,10 @@ LANES = {
 
 
 def frames_params() -> dict:
-    """The ``frames`` params section for the stream demo: the two lanes of the ``lanes`` camera, and a
-    motion threshold of 20 (the default 25 loses the shaded side of the products on the dark belt)."""
-    return {"motion_threshold": MOTION_THRESHOLD,
+    """The ``frames`` params section for the stream demo: the belt's region (camera ``belt``), the two
+    lanes of the ``lanes`` camera, and a motion threshold of 20 (the default 25 loses the shaded side
+    of the products on the dark belt)."""
+    return {"motion_threshold": MOTION_THRESHOLD, "region": list(BELT_REGION),
             "lanes": [{"name": name, "region": spec["region"], "cameras": [SCENE_CAMERA["lanes"]]}
                       for name, spec in LANES.items()]}
 

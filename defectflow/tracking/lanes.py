@@ -23,7 +23,7 @@ def region_polygon(region, width: int, height: int) -> np.ndarray:
     """(N, 2) float polygon in frame pixels of a rectangle ``[x0, y0, x1, y1]`` / polygon region (None: the frame)."""
     if region is None:
         region = (0.0, 0.0, 1.0, 1.0)
-    if isinstance(region, tuple) and len(region) == 4 and not isinstance(region[0], (tuple, list)):
+    if len(region) == 4 and all(isinstance(v, (int, float)) for v in region):
         x0, y0, x1, y1 = region
         pts = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
     else:
