@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections import deque
 
+import cv2
+
 import numpy as np
 
 from defectflow.config import FramesParams
@@ -22,6 +24,8 @@ from defectflow.tracking.tracker import Capture, LaneTracker
 from defectflow.video_decode import Payload, nbytes
 
 BG_FRAMES = 100              # the warm-up pass runs on this many tracked frames (direction, product length)
+LEARN_STEP = 2               # the learning pass (belt tracker) takes every 2nd of them
+MIN_PHASE_RESPONSE = 0.05    # ... and trusts a phase correlation of the foreground above this response
 BG_SAMPLES = 40              # ... of which this many, evenly spread, give the first background (the mode)
 BG_BUFFER_BYTES = 64 << 20   # cap on frames held while the background starts
 RING_STRIDES = 4             # the crossing frame may lie this many strides back (a track matched late)
@@ -77,12 +81,17 @@ class VideoTracker:
         self.bg.start([smalls[i] for i in pick])
         start_bg = self.bg.bg.copy()
         self.covers = []
-        for t, _, small in self.held:
-            if small is not None:
-                self._track(t, small, learning=True)
+        learn = [(t, small) for t, _, small in self.held if small is not None]
+        step = LEARN_STEP if all(hasattr(lt.tracker, "belt") for lt in self.trackers) else 1
+        prev = None
+        for t, small in learn[::step]:
+            if step > 1 and prev is not None:
+                self._seed_belt_motion(prev, small)
+            self._track(t, small, learning=True)
+            prev = small
         for lt in self.trackers:
             lt.restart()
-        self.bg.bg = masked_background(smalls, self.covers, start_bg)
+        self.bg.bg = masked_background([s for _, s in learn[::step]], self.covers, start_bg)
         self.covers = []
         self.open, self.log = [], []
         held, self.held = self.held, []
@@ -144,6 +153,20 @@ class VideoTracker:
             self.covers.append(cover)
         frozen = [self.grid.to_grid(b) for lt in self.trackers for b in lt.frozen_boxes()]
         self.bg.update(small, moving, frozen)
+
+    def _seed_belt_motion(self, prev: np.ndarray, small: np.ndarray) -> None:
+        """Each lane's belt motion between two learning frames, by phase correlation of their foreground
+        (what differs from the background), as the velocity new tracks start with: the learning pass
+        skips frames, so a product moves up to its own length between them."""
+        for k, lt in enumerate(self.trackers):
+            ys, xs = np.nonzero(self.grid.masks[k])
+            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            a = np.abs(prev[y0:y1, x0:x1] - self.bg.bg[y0:y1, x0:x1]) * self.grid.masks[k][y0:y1, x0:x1]
+            b = np.abs(small[y0:y1, x0:x1] - self.bg.bg[y0:y1, x0:x1]) * self.grid.masks[k][y0:y1, x0:x1]
+            (dx, dy), response = cv2.phaseCorrelate(a.astype(np.float64), b.astype(np.float64))
+            if response > MIN_PHASE_RESPONSE:
+                dx, dy = dx / self.grid.scale, dy / self.grid.scale
+                lt.tracker.belt = [dx, dy, dx, dy]
 
     def _ends(self, k: int, d: np.ndarray | None) -> np.ndarray | None:
         """Lane k's end band for direction ``d`` (redrawn when the direction turned by over 10 degrees)."""

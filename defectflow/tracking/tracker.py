@@ -134,7 +134,7 @@ class LaneTracker:
     def _crossing(self, tid: int, tr: _Track, t: int, pos: np.ndarray, d: np.ndarray) -> Capture | None:
         point, normal = self.lane.line_normal(d)
         s0, s1 = float((tr.last_pos - point) @ normal), float((pos - point) @ normal)
-        if not (s0 < 0 <= s1):
+        if not (s0 < 0 <= s1 or s0 <= 0 < s1):          # (on the line exactly, by either estimate of it)
             return None
         frac = -s0 / (s1 - s0) if s1 > s0 else 1.0
         centre = int(round(tr.last_t + frac * (t - tr.last_t)))
