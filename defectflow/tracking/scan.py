@@ -2,9 +2,10 @@
 
 Feed every frame in order (``small``: the grey motion image, given on the tracked frames only,
 ``t % stride == 0``). The first ``BG_FRAMES`` tracked frames are held (at most
-``BG_BUFFER_BYTES``) while the background starts; a first pass over them learns the direction of
-travel and the product length (so the first products are split and counted like the others),
-then they are replayed. Captures come back once their
+``BG_BUFFER_BYTES``) while the background starts; a first pass over every ``LEARN_STEP``-th of them
+learns the direction of travel and the product length (so the first products are split and counted
+like the others) and which pixels products covered (the background restarts from the others), then
+they are replayed. Captures come back once their
 window is complete and their track has ended with a count that stands. Also kept: a log of every
 track's box at every update (for the detect stage's background plate, annotated videos, checks).
 """
