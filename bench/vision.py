@@ -1,8 +1,17 @@
-"""Figures of the vision front-end (issue 3: frames, detect, masks, roi), one JSON line.
+"""Figures of the vision front-end (issues 3 and 10: frames, detect, masks, roi, streams), one JSON line.
 
     python bench/vision.py                     (from the repo root, in the project's venv)
-    python bench/vision.py --work /tmp/vis     (keep the outputs: demo, frames, detect, masks)
+    python bench/vision.py --work /tmp/vis     (keep the outputs: demo, frames, detect, masks, streams)
 
+The default work folder is a temp folder in RAM (/dev/shm where there is one): on the 2-core VM
+creating a file costs about 1 ms of CPU (``file_create_ms_disk``, measured here), more than decoding a
+demo frame, and the frames stage writes one per kept frame; in RAM the speed ratios measure the
+stage's own work (``file_create_ms_work``: the work folder's cost).
+
+- streams (bench/vision_streams.py): the stream demo (touching products, stop-and-go, two lanes in
+  perspective; 264 passes): ``stream_passes_expected`` / ``_found``, ``stream_misses``,
+  ``stream_duplicates``, ``stream_id_switches``, ``stream_centre_frame_err_max`` (+ ``_strict``),
+  ``stream_frames_vs_decode_ratio``, a contact sheet of captures at bench/out/stream_captures.png;
 - frames / detect (``measure_video`` of bench/vision_video.py, which generates the small demo
   into ``<work>/demo`` and runs frames + detect on it): passes_expected, passes_found,
   real_clip_captures, box_iou_median, box_misses, frames_vs_decode_ratio, ...
@@ -22,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -35,6 +46,7 @@ from defectflow import masks  # noqa: E402
 from defectflow.config import Params, SourceParams, load_params  # noqa: E402
 from vision_masks import measure_masks  # noqa: E402
 from vision_roi import measure_bottle, measure_synthetic_circles  # noqa: E402
+from vision_streams import measure_streams  # noqa: E402
 
 try:                                    # frames / detect figures (another module of issue 3)
     from vision_video import measure_video  # noqa: E402
@@ -58,9 +70,22 @@ def _frames_detect(work: Path, base: Params) -> dict:
     return {k: None for k in VIDEO_KEYS}
 
 
+def file_create_ms(folder: Path, n: int = 100, size: int = 15000) -> float:
+    """CPU ms to create one file of ``size`` bytes in ``folder`` (mean of ``n``)."""
+    folder = Path(tempfile.mkdtemp(prefix="probe_", dir=folder))
+    data = os.urandom(size)
+    t = time.process_time()
+    for i in range(n):
+        (folder / f"f{i}.jpg").write_bytes(data)
+    ms = (time.process_time() - t) / n * 1000
+    shutil.rmtree(folder, ignore_errors=True)
+    return round(ms, 3)
+
+
 def measure(work: Path, bottle: Path = BOTTLE) -> dict:
     work = Path(work)
-    res: dict = {}
+    res: dict = {"file_create_ms_work": file_create_ms(work), "file_create_ms_disk": file_create_ms(ROOT / "bench")}
+    res.update(measure_streams(work))
     demo_dir = work / "demo"
     base = Params(source=SourceParams(kind="demo", path=str(demo_dir), demo_size="small"))
     if measure_video is not None:
@@ -93,7 +118,8 @@ def main() -> None:
         Path(args.work).mkdir(parents=True, exist_ok=True)
         print(json.dumps(measure(Path(args.work), Path(args.bottle))))
         return
-    with tempfile.TemporaryDirectory(prefix="vision_") as tmp:
+    ram = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(prefix="vision_", dir=ram if ram.is_dir() else None) as tmp:
         print(json.dumps(measure(Path(tmp), Path(args.bottle))))
 
 

@@ -1,10 +1,12 @@
-"""Annotated output videos: each product pass boxed and labelled with its verdict.
+"""Annotated output videos: each product boxed and labelled with its track id and verdict.
 
-For every source video with scored products, the product's box (from detect) is
-drawn while it crosses the view -- red when this camera flags it, orange when
-another camera flags the product, green when the product passes -- with its score.
-Boxes between and around the kept window frames are extrapolated along the
-product's straight-line motion on the belt.
+For every source video with scored products, each product's box is drawn while it is
+in view -- red when this camera flags it, orange when another camera flags the product,
+green when the product passes -- with its track id, product id and score. Where the
+frames stage logged the video's tracks (``tracks_path``) every track is drawn from the
+log at every frame (between tracked frames the box is interpolated; tracks that were not
+counted are grey, id only); otherwise boxes between and around the kept window frames
+are extrapolated along the product's straight-line motion on the belt.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import pandas as pd
 from defectflow.stage import logger
 
 log = logger("evaluate")
-RED, ORANGE, GREEN = (40, 40, 230), (0, 150, 255), (60, 180, 60)
+RED, ORANGE, GREEN, GREY = (40, 40, 230), (0, 150, 255), (60, 180, 60), (150, 150, 150)
 EXTEND_FRAMES = 10  # frames before and after the kept window that still get a box
 
 
@@ -40,6 +42,18 @@ def pass_tracks(rows: pd.DataFrame, extend: int = EXTEND_FRAMES) -> dict[int, tu
         x, y = np.polyval(fit_x, k), np.polyval(fit_y, k)
         track[k] = (int(round(x - w / 2)), int(round(y - h / 2)), int(round(x + w / 2)), int(round(y + h / 2)))
     return track
+
+
+def logged_tracks(log: pd.DataFrame) -> dict[tuple[str, int], dict[int, tuple[int, int, int, int]]]:
+    """(lane, track id) -> frame index -> box, from a frames-stage track log, interpolated between tracked frames."""
+    out = {}
+    for (lane, tid), g in log.groupby(["lane", "track_id"], sort=False):
+        g = g.sort_values("frame_index")
+        f = g["frame_index"].to_numpy()
+        frames = np.arange(int(f.min()), int(f.max()) + 1)
+        cols = [np.interp(frames, f, g[c].to_numpy(float)) for c in ("x0", "y0", "x1", "y1")]
+        out[(str(lane), int(tid))] = {int(k): tuple(int(round(c[i])) for c in cols) for i, k in enumerate(frames)}
+    return out
 
 
 def _label(frame: np.ndarray, box, colour, text: str) -> None:
@@ -89,7 +103,7 @@ def annotate_videos(window_rows: pd.DataFrame, scored: pd.DataFrame, verdicts: p
     product_verdict = verdicts.set_index("product_id")["verdict"]
     written = []
     for video, rows in window_rows.dropna(subset=["video_path"]).groupby("video_path"):
-        passes = []
+        labelled, windows = {}, {}
         for (product, camera), prow in rows.groupby(["product_id", "camera"]):
             if (product, camera) not in cam_score.index:
                 continue
@@ -98,10 +112,31 @@ def annotate_videos(window_rows: pd.DataFrame, scored: pd.DataFrame, verdicts: p
             other = product_verdict.get(product) == "defect"
             colour = RED if flagged else ORANGE if other else GREEN
             verdict = "DEFECT" if flagged else "defect (other cam)" if other else "good"
-            passes.append((pass_tracks(prow), f"{product} {verdict} {score:.2f}", colour))
-        if passes:
-            out = out_dir / f"{Path(video).stem}.avi"
-            n = annotate_video(Path(video), out, passes)
-            log.info("evaluate: annotated %s (%d frames, %d products) -> %s", video, n, len(passes), out)
-            written.append(out)
+            labelled[product] = (f"{product} {verdict} {score:.2f}", colour)
+            windows[product] = prow
+        if not labelled:
+            continue
+        logged = rows["tracks_path"].dropna() if "tracks_path" in rows else pd.Series(dtype=str)
+        if len(logged) and Path(logged.iloc[0]).is_file():
+            passes = _track_passes(pd.read_parquet(logged.iloc[0]), rows, labelled)
+        else:
+            passes = [(pass_tracks(windows[p]), *labelled[p]) for p in labelled]
+        out = out_dir / f"{Path(video).stem}.avi"
+        n = annotate_video(Path(video), out, passes)
+        log.info("evaluate: annotated %s (%d frames, %d products) -> %s", video, n, len(labelled), out)
+        written.append(out)
     return written
+
+
+def _track_passes(track_log: pd.DataFrame, rows: pd.DataFrame, labelled: dict) -> list[tuple[dict, str, tuple]]:
+    """Every logged track with its id: scored products in their verdict colour, the others grey."""
+    product_of = {}
+    if {"lane", "track_id"} <= set(rows.columns):
+        for r in rows.dropna(subset=["track_id"]).itertuples():
+            product_of[(str(r.lane), int(r.track_id))] = r.product_id
+    passes = []
+    for key, track in logged_tracks(track_log).items():
+        product = product_of.get(key)
+        text, colour = labelled.get(product, (product or "not counted", GREY))
+        passes.append((track, f"#{key[1]} {text}", colour))
+    return passes

@@ -1,6 +1,6 @@
 """``defectflow`` command line: demo data, parameter check, run summary.
 
-    defectflow demo [--size tiny|small] [--out DIR]   write the synthetic demo videos
+    defectflow demo [--size tiny|small] [--out DIR] [--streams]   write the synthetic demo videos
     defectflow check [params.yaml]                    validate parameters
     defectflow summary                                where the report and metrics are
     defectflow export [--model DIR] [--out model.onnx] one ONNX model: image tensor in, scores (+ map) out
@@ -28,14 +28,15 @@ def _demo(args) -> int:
         return 0
     out = Path(args.out or params.source.path)
     size = args.size or params.source.demo_size
+    kind = "streams" if args.streams else params.source.demo_kind
     info_file = out / "demo.json"
     if info_file.is_file():
         info = json.loads(info_file.read_text())
-        if info.get("size") == size and info.get("seed") == params.seed:
-            print(f"demo data ({size}) already in {out}")
+        if info.get("size") == size and info.get("seed") == params.seed and info.get("kind", "cameras") == kind:
+            print(f"demo data ({kind}, {size}) already in {out}")
             return 0
-    info = demo.generate(out, size=size, seed=params.seed)
-    print(f"wrote demo data ({size}) to {out}")
+    info = demo.generate(out, size=size, seed=params.seed, kind=kind)
+    print(f"wrote demo data ({kind}, {size}) to {out}")
     return 0
 
 
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=["tiny", "small"])
     p.add_argument("--out")
     p.add_argument("--params", default="params.yaml")
+    p.add_argument("--streams", action="store_true",
+                   help="continuous product streams (source.demo_kind: streams; frames.lanes: examples/demo_streams)")
     p.set_defaults(fn=_demo)
     p = sub.add_parser("check", help="validate params.yaml")
     p.add_argument("params", nargs="?", default="params.yaml")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from defectflow.errors import DefectflowError
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,33 +26,106 @@ class SourceParams(_Strict):
     kind: Literal["demo", "videos", "images"] = "demo"
     path: str = "data/demo"
     demo_size: Literal["tiny", "small"] = "small"
+    demo_kind: Literal["cameras", "streams"] = Field("cameras", description=(
+        "demo videos: cameras (one product at a time, 4 cameras) or streams (continuous product streams: "
+        "touching products, stop-and-go belt, two lanes in perspective; see sources/demo_streams.py)"))
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
 
 
+Region = Union[tuple[float, float, float, float], list[tuple[float, float]]]
+DIRECTIONS = ("auto", "left_to_right", "right_to_left", "top_to_bottom", "bottom_to_top")
+Direction = Literal["auto", "left_to_right", "right_to_left", "top_to_bottom", "bottom_to_top"]
+
+
+def _check_region(region):
+    """A rectangle ``[x0, y0, x1, y1]`` or a polygon ``[[x, y], ...]`` (>= 3 points), fractions of the frame."""
+    if region is None:
+        return None
+    if isinstance(region, tuple):
+        x0, y0, x1, y1 = region
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise ValueError("region must be x0 < x1 and y0 < y1, all within [0, 1]")
+        return region
+    if len(region) < 3:
+        raise ValueError(f"a polygon region needs at least 3 [x, y] points, got {len(region)}")
+    bad = [list(pt) for pt in region if not (0 <= pt[0] <= 1 and 0 <= pt[1] <= 1)]
+    if bad:
+        raise ValueError(f"polygon points must be fractions of the frame within [0, 1], got {bad[:3]}")
+    area = 0.5 * abs(sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(region, region[1:] + region[:1])))
+    if area < 1e-4:
+        raise ValueError("polygon region has (almost) no area")
+    return region
+
+
+class LaneParams(_Strict):
+    """One belt in view: its region, direction of travel and counting line; product ids per lane."""
+    name: str = Field(..., min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$")
+    region: Region = Field(..., description="[x0, y0, x1, y1] or a polygon [[x, y], ...], fractions of the frame")
+    cameras: Optional[list[str]] = Field(None, description="cameras this lane is seen by; null = every camera")
+    direction: Optional[Direction] = Field(None, description="direction of travel; null = frames.direction")
+    line: Optional[tuple[float, float, float, float]] = Field(None, description=(
+        "counting line x0, y0, x1, y1 (fractions of the frame); null = across the direction of travel "
+        "through the lane's centre"))
+    product_length: Optional[float] = Field(None, gt=0.0, le=1.0, description="null = frames.product_length")
+
+    _region_ok = field_validator("region")(classmethod(lambda cls, v: _check_region(v)))
+
+    @field_validator("line")
+    @classmethod
+    def _line_ok(cls, line):
+        if line is not None:
+            if not all(0 <= v <= 1 for v in line) or (line[0], line[1]) == (line[2], line[3]):
+                raise ValueError("line must be two distinct points x0, y0, x1, y1 within [0, 1]")
+        return line
+
+
 class FramesParams(_Strict):
-    window: int = Field(5, ge=1, le=31, description="frames kept per product pass, centred on the view centre")
-    motion_threshold: int = Field(25, ge=1, le=254)
+    window: int = Field(5, ge=1, le=31, description="frames kept per product pass, centred on the counting line")
+    motion_threshold: int = Field(25, ge=1, le=254, description="grey-level change that counts as motion")
     min_area: float = Field(0.01, gt=0.0, lt=1.0, description="smallest moving blob, fraction of the region")
     min_pass_frames: int = Field(3, ge=1, le=1000)
-    region: Optional[tuple[float, float, float, float]] = Field(
-        None, description="x0, y0, x1, y1 as fractions of the frame: where products pass (the belt)")
+    region: Optional[Region] = Field(
+        None, description="[x0, y0, x1, y1] or a polygon [[x, y], ...] (fractions of the frame): the belt")
     on_bad_video: Literal["error", "warn"] = "error"
     min_travel: float = Field(0.25, ge=0.0, le=1.0, description=(
-        "a pass's blob centre must move across at least this share of the region width "
-        "(drops shake, hands reaching in and out, things left standing)"))
+        "a track's centre must move across at least this share of its lane (along the direction of "
+        "travel) to be counted (drops shake, hands reaching in and out, things left standing)"))
     shake_px: int = Field(0, ge=0, le=64, description=(
         "hand-held camera: a pixel only counts as moving if it differs from the background at every "
         "offset within this many frame pixels"))
     jpeg_passthrough: bool = Field(True, description=(
         "MJPG videos: motion on a reduced JPEG decode; kept frames written as the video's own JPEG (no re-encode)"))
+    direction: Direction = Field("auto", description=(
+        "direction of travel: auto (from the tracks' motion) or left_to_right / right_to_left / "
+        "top_to_bottom / bottom_to_top"))
+    product_length: Optional[float] = Field(None, gt=0.0, le=1.0, description=(
+        "length of one product along the direction of travel, fraction of the lane's extent; touching "
+        "products are split at multiples of it. null = estimated from the separate blobs"))
+    stride: int = Field(3, ge=1, le=8, description=(
+        "motion and tracking on every stride-th frame (the crossing frame is interpolated; every frame "
+        "of the window is kept)"))
+    tracker: Literal["belt", "norfair"] = Field("belt", description=(
+        "association of boxes between tracked frames: belt (constant velocity + IoU assignment, ~40 us an "
+        "update) or norfair (the library's Kalman tracker, ~10x slower: for high-resolution footage)"))
+    max_lost_frames: int = Field(12, ge=1, le=1000, description=(
+        "frames a track survives without a matching blob (occlusion, a blob missed) before it ends"))
+    lanes: Optional[list[LaneParams]] = Field(None, description=(
+        "several belts in view, each with its own region / direction / counting line; cameras that no "
+        "lane lists use frames.region"))
 
-    @model_validator(mode="after")
-    def _region_ok(self):
-        if self.region is not None:
-            x0, y0, x1, y1 = self.region
-            if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-                raise ValueError("region must be x0 < x1 and y0 < y1, all within [0, 1]")
-        return self
+    _region_ok = field_validator("region")(classmethod(lambda cls, v: _check_region(v)))
+
+    @field_validator("lanes")
+    @classmethod
+    def _lanes_ok(cls, lanes):
+        if lanes is not None:
+            if not lanes:
+                raise ValueError("lanes must list at least one lane (or be null)")
+            names = [lane.name for lane in lanes]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"lane names must be unique, repeated: {dup}")
+        return lanes
 
 
 class DetectParams(_Strict):

@@ -2,11 +2,16 @@
 
 Classical detector: per run + camera a background plate, the per-pixel median of
 frames sampled evenly over that camera's whole video (moving products vanish, the
-empty belt is left). The frames in the manifest alone would not do: they are the
-window around each pass's centre, so the product covers the view centre in nearly
-all of them; they are only the fallback when the video cannot be read. Then per
-frame: difference from the plate -> threshold -> morphology -> largest external
-contour -> box (x1/y1 exclusive, frame pixels). The crop is a square re-centred on
+empty belt is left); where the frames stage logged tracks (``tracks_path``), each
+sample's tracked product boxes are left out of the median, so the plate is right even
+when products cover the belt most of the time. The frames in the manifest alone would
+not do: they are the window around each pass's centre; they are only the fallback when
+the video cannot be read. Then per frame, with the frames stage's track box
+(``track_x0..``, several products in view): no second search; the box is refined to the
+foreground against the plate within the track box grown by ``TRACK_GROW`` of its size,
+each side kept at the track's edge where the foreground runs on (a touching neighbour).
+Without a track box: difference from the plate -> threshold -> morphology -> largest
+external contour -> box (x1/y1 exclusive, frame pixels). The crop is a square re-centred on
 the box with ``detect.margin`` of its longer side added on each side (black where
 it leaves the frame), resized to ``detect.crop_size``. Image sources (no video)
 skip the stage.
@@ -17,7 +22,8 @@ model run with onnxruntime (CPU, 2 threads). Input: the frame letterboxed (aspec
 ``[cx, cy, w, h, obj, cls...]`` (score = obj * best class) or YOLOv8 layout (1, 4+C, N)
 ``[cx, cy, w, h, cls...]`` (score = best class), in input pixels. Boxes under
 ``detect.score_threshold`` are dropped, the rest go through NMS (``detect.nms_iou``) and the
-best box of the frame is kept. The background plates are still built: masks uses them.
+best box of the frame is kept (with a track box: the box overlapping it most). The background
+plates are still built: masks uses them.
 """
 from __future__ import annotations
 
@@ -39,6 +45,9 @@ from defectflow.stage import StageOutput, StageReport, logger, manifest_path, st
 log = logger("detect")
 
 PLATE_SAMPLES = 25      # frames per video used for the background median
+TRACK_GROW = 0.1        # a track box is refined within itself grown by this share of its size
+TRACK_MIN_FILL = 0.25   # ... to the foreground there, unless that covers less than this share of it
+TRACK_COLS = ["track_x0", "track_y0", "track_x1", "track_y1"]
 MIN_PLATE_FRAMES = 3    # fewer than this and the median is not a background
 MIN_BLOB = 0.0005       # smallest foreground blob, fraction of the frame area (at least 16 px)
 
@@ -136,6 +145,11 @@ class OnnxDetector:
 
     def detect(self, frame: np.ndarray) -> tuple[Box, float] | None:
         """Best box (x0, y0, x1, y1; x1/y1 exclusive, frame pixels) and its score, or None."""
+        found = self.detect_all(frame)
+        return max(found, key=lambda f: f[1]) if found else None
+
+    def detect_all(self, frame: np.ndarray) -> list[tuple[Box, float]]:
+        """Every box kept after the score threshold and NMS (frame pixels), with its score."""
         img, r, (px, py) = letterbox(frame, self.size)
         x = cv2.cvtColor(img, cv2.COLOR_BGR2RGB).transpose(2, 0, 1)[None].astype(np.float32) / 255.0
         try:
@@ -145,28 +159,31 @@ class OnnxDetector:
             raise DetectorUnavailable(f"{self.path}: {err}") from None
         keep = scores >= self.score_threshold
         if not keep.any():
-            return None
+            return []
         boxes, scores = boxes[keep], scores[keep]
         xywh = np.column_stack([boxes[:, 0] - boxes[:, 2] / 2, boxes[:, 1] - boxes[:, 3] / 2, boxes[:, 2], boxes[:, 3]])
         idx = np.asarray(cv2.dnn.NMSBoxes(xywh.tolist(), scores.tolist(), self.score_threshold, self.nms_iou)).ravel()
-        if not len(idx):
-            return None
-        best = int(idx[np.argmax(scores[idx])])
-        bx, by, bw, bh = xywh[best]
         h, w = frame.shape[:2]
-        x0 = int(np.clip(np.floor((bx - px) / r), 0, w - 1))
-        y0 = int(np.clip(np.floor((by - py) / r), 0, h - 1))
-        x1 = int(np.clip(np.ceil((bx + bw - px) / r), x0 + 1, w))
-        y1 = int(np.clip(np.ceil((by + bh - py) / r), y0 + 1, h))
-        return (x0, y0, x1, y1), float(scores[best])
+        out = []
+        for k in idx:
+            bx, by, bw, bh = xywh[int(k)]
+            x0 = int(np.clip(np.floor((bx - px) / r), 0, w - 1))
+            y0 = int(np.clip(np.floor((by - py) / r), 0, h - 1))
+            x1 = int(np.clip(np.ceil((bx + bw - px) / r), x0 + 1, w))
+            y1 = int(np.clip(np.ceil((by + bh - py) / r), y0 + 1, h))
+            out.append(((x0, y0, x1, y1), float(scores[int(k)])))
+        return out
 
 
-def sample_video_frames(path: Path | str, n: int = PLATE_SAMPLES) -> list[np.ndarray]:
-    """About ``n`` frames spread evenly over the video (at most 2n); [] if it cannot be opened."""
+def sample_video_frames(path: Path | str, n: int = PLATE_SAMPLES, with_index: bool = False) -> list:
+    """About ``n`` frames spread evenly over the video (at most 2n); [] if it cannot be opened.
+
+    ``with_index``: (frame index, frame) pairs.
+    """
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         return []
-    frames: list[np.ndarray] = []
+    frames: list = []
     try:
         total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         step = max(1, total // n) if total > 0 else 1
@@ -175,7 +192,7 @@ def sample_video_frames(path: Path | str, n: int = PLATE_SAMPLES) -> list[np.nda
             if i % step == 0:
                 ok, frame = cap.retrieve()
                 if ok:
-                    frames.append(frame)
+                    frames.append((i, frame) if with_index else frame)
                 if len(frames) >= 2 * n:        # length unknown or misreported: thin out
                     frames, step = frames[::2], step * 2
             i += 1
@@ -192,13 +209,52 @@ def median_plate(frames: list[np.ndarray]) -> np.ndarray:
     return np.median(np.stack(frames), axis=0).astype(np.uint8)
 
 
+def masked_median_plate(frames: list[np.ndarray], covers: list[np.ndarray]) -> np.ndarray:
+    """Per-pixel median of same-sized frames over the ones whose ``covers`` (bool HxW) leave the
+    pixel free; the plain median where every frame covers it."""
+    stack = np.stack(frames)
+    cov = np.stack(covers)
+    cov[:, cov.all(axis=0)] = False
+    keyed = stack.astype(np.uint16) + (cov[..., None].astype(np.uint16) << 8)   # covered sort last
+    keyed.sort(axis=0)
+    idx = np.maximum(((~cov).sum(axis=0) - 1) // 2, 0)
+    med = np.take_along_axis(keyed, np.repeat(idx[None, ..., None], stack.shape[3], axis=3), axis=0)[0]
+    return (med & 0xFF).astype(np.uint8)
+
+
+def _track_covers(tracks_path: str, samples: list[tuple[int, np.ndarray]]) -> list[np.ndarray] | None:
+    """Per sampled frame, the tracked product boxes (grown by TRACK_GROW) at the nearest logged frame."""
+    try:
+        log = pd.read_parquet(tracks_path)
+    except (OSError, ValueError) as err:
+        log.warning("%s: track log unreadable (%s); background plate from the plain median", tracks_path, err)
+        return None
+    if log.empty:
+        return None
+    logged = np.unique(log["frame_index"].to_numpy())
+    by_frame = {f: g for f, g in log.groupby("frame_index")}
+    covers = []
+    for i, frame in samples:
+        cover = np.zeros(frame.shape[:2], bool)
+        f = int(logged[np.abs(logged - i).argmin()])
+        if abs(f - i) <= 8:
+            for b in by_frame[f].itertuples():
+                gx, gy = TRACK_GROW * (b.x1 - b.x0), TRACK_GROW * (b.y1 - b.y0)
+                cover[max(int(b.y0 - gy), 0):max(int(b.y1 + gy) + 1, 0), max(int(b.x0 - gx), 0):max(int(b.x1 + gx) + 1, 0)] = True
+        covers.append(cover)
+    return covers
+
+
 def _plate_for_camera(rows: pd.DataFrame) -> tuple[np.ndarray, str]:
     """Background plate of one run + camera, and where it came from ('video' / 'frames')."""
     first = read_image(rows["image_path"].iloc[0])
     video = rows["video_path"].dropna().iloc[0]
-    frames = sample_video_frames(video)
+    samples = sample_video_frames(video, with_index=True)
+    frames = [f for _, f in samples]
     if len(frames) >= MIN_PLATE_FRAMES:
-        plate = median_plate(frames)
+        tracks = rows["tracks_path"].dropna() if "tracks_path" in rows else pd.Series(dtype=str)
+        covers = _track_covers(tracks.iloc[0], samples) if len(tracks) else None
+        plate = masked_median_plate(frames, covers) if covers else median_plate(frames)
         if plate.shape != first.shape:
             plate = cv2.resize(plate, (first.shape[1], first.shape[0]), interpolation=cv2.INTER_AREA)
         return plate, "video"
@@ -234,14 +290,50 @@ def detect_box(frame: np.ndarray, plate: np.ndarray, diff_threshold: int) -> Box
     return x, y, x + bw, y + bh
 
 
+def refine_track_box(frame: np.ndarray, plate: np.ndarray, track: Box, diff_threshold: int) -> Box:
+    """The foreground's box against ``plate`` within ``track`` grown by TRACK_GROW (no second search).
+
+    A side where the foreground reaches the grown box's edge (a touching neighbour, or the frame's
+    edge) stays at the track's edge; too little foreground inside: the track box itself.
+    """
+    h, w = frame.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in track)
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(max(x1, x0 + 1), w), min(max(y1, y0 + 1), h)
+    gx, gy = max(2, round(TRACK_GROW * (x1 - x0))), max(2, round(TRACK_GROW * (y1 - y0)))
+    ex0, ey0, ex1, ey1 = max(x0 - gx, 0), max(y0 - gy, 0), min(x1 + gx, w), min(y1 + gy, h)
+    fg = (colour_diff(frame[ey0:ey1, ex0:ex1], plate[ey0:ey1, ex0:ex1]) > diff_threshold).astype(np.uint8)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, None)
+    if cv2.countNonZero(fg) < TRACK_MIN_FILL * (x1 - x0) * (y1 - y0):
+        return x0, y0, x1, y1
+    cols, rows = np.nonzero(fg.any(axis=0))[0], np.nonzero(fg.any(axis=1))[0]
+    fx0, fx1, fy0, fy1 = ex0 + cols[0], ex0 + cols[-1] + 1, ey0 + rows[0], ey0 + rows[-1] + 1
+    return (int(x0 if fx0 == ex0 and ex0 > 0 else fx0), int(y0 if fy0 == ey0 and ey0 > 0 else fy0),
+            int(x1 if fx1 == ex1 and ex1 < w else fx1), int(y1 if fy1 == ey1 and ey1 < h else fy1))
+
+
+def _best_overlap(found: list[tuple[Box, float]], track: Box) -> tuple[Box, float] | None:
+    def iou(a, b):
+        ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+        iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = ix * iy
+        return inter / max((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter, 1)
+    scored = [(iou(b, track), b, s) for b, s in found]
+    best = max(scored, default=None)
+    return None if best is None or best[0] <= 0 else (best[1], best[2])
+
+
 def _crop_row(row: dict, frame: np.ndarray, plate: np.ndarray, bg_path: str,
               params: Params, out: StageOutput, onnx: OnnxDetector | None = None) -> dict | None:
     """Detect, crop and save one frame; the DETECT row, or None when nothing is in view."""
+    track = None if any(pd.isna(row.get(c)) for c in TRACK_COLS) else tuple(int(row[c]) for c in TRACK_COLS)
     if onnx is not None:
-        found = onnx.detect(frame)
-        if found is None:
+        found = onnx.detect_all(frame) if track is not None else [f for f in [onnx.detect(frame)] if f]
+        pick = _best_overlap(found, track) if track is not None else (found[0] if found else None)
+        if pick is None:
             return None
-        box, score = found
+        box, score = pick
+    elif track is not None:
+        box, score = refine_track_box(frame, plate, track, params.detect.diff_threshold), 1.0
     else:
         box, score = detect_box(frame, plate, params.detect.diff_threshold), 1.0
         if box is None:

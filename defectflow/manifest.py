@@ -77,6 +77,11 @@ FRAMES = ITEMS.extend(
     _c("pass_index", I, False, "product pass number in this video"),
     _c("is_center", B, True, "frame where the product is nearest the view centre"),
     _c("t_sec", F, False, "time of the frame in the video"),
+    _c("lane", S, False, "belt the product travels on (frames.lanes; 'main' for frames.region)"),
+    _c("track_id", I, False, "the product's track in this video and lane"),
+    _c("track_x0", I, False, "the track's box at this frame (frame px, x1/y1 exclusive)"),
+    _c("track_y0", I, False), _c("track_x1", I, False), _c("track_y1", I, False),
+    _c("tracks_path", S, False, "every track's box at every tracked frame of this video (Parquet)"),
 )
 
 DETECT = FRAMES.extend(

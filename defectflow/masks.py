@@ -8,7 +8,8 @@
   paper, offline). Per product + camera the soft masks of its window crops are averaged
   into a composite (the linear sum of seed 000, III.B, normalised by the count),
   thresholded at ``masks.threshold``, reduced to its largest component with holes
-  filled, then shrunk by ``masks.shrink`` about the centre and padded back (Fig. 4d).
+  filled (each soft mask is first limited to the product's box in its crop, grown by
+  ``BOX_GROW``: with several products in view, a touching neighbour's pixels stay out), then shrunk by ``masks.shrink`` about the centre and padded back (Fig. 4d).
   The composite is applied to every crop of that product/camera. Files kept for the
   report (Fig. 4): ``fg/`` soft masks, ``composite_raw/`` before the shrink,
   ``composite/`` the applied mask, ``masked/`` the masked crops.
@@ -38,6 +39,7 @@ log = logger("masks")
 BOX_COLS = ["box_x0", "box_y0", "box_x1", "box_y1"]
 GUIDED_EPS = 1e-3     # guided-filter regularisation (guide in [0, 1]): lower follows weaker edges
 GUIDED_GRID = 64      # the guided filter's coefficients are fitted on about this many pixels a side
+BOX_GROW = 0.03       # a soft mask is kept within the product's box in the crop, grown by this share of the crop
 
 
 class MasksError(DefectflowError):
@@ -149,6 +151,18 @@ def _plate_crop(plates: dict[str, np.ndarray], row: dict, margin: float, size: i
     return crop_square(plates[path], square_box(box, margin), size)
 
 
+def box_in_crop(box: tuple[int, int, int, int], margin: float, size: int, grow: float = BOX_GROW) -> np.ndarray:
+    """0/1 float32 mask (size x size) of ``box`` inside the square crop detect cut around it, grown by ``grow``."""
+    sx, sy, side = square_box(box, margin)
+    k = size / side
+    g = grow * size
+    x0, y0 = int(np.floor((box[0] - sx) * k - g)), int(np.floor((box[1] - sy) * k - g))
+    x1, y1 = int(np.ceil((box[2] - sx) * k + g)), int(np.ceil((box[3] - sy) * k + g))
+    out = np.zeros((size, size), np.float32)
+    out[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = 1.0
+    return out
+
+
 def _mask_group(rows: list[dict], plates: dict, params: Params, out: StageOutput, tag: str) -> dict[str, dict]:
     """Masks for one product/camera; item_id -> updated columns (empty composite: masks only)."""
     crops, softs, updates = [], [], {}
@@ -159,6 +173,7 @@ def _mask_group(rows: list[dict], plates: dict, params: Params, out: StageOutput
                              f"square crops of one size per product/camera")
         soft = soft_foreground(crop, _plate_crop(plates, row, params.detect.margin, crop.shape[0]),
                                params.masks.diff_threshold, refine=params.masks.refine)
+        soft *= box_in_crop(tuple(int(row[c]) for c in BOX_COLS), params.detect.margin, crop.shape[0])
         tmp, fg_path = out.path(f"fg/{safe_name(row['item_id'])}.png")
         write_image(tmp, (soft * 255).round().astype(np.uint8), atomic=False)
         crops.append(crop)

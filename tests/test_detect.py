@@ -101,3 +101,27 @@ def test_safe_file_names_never_collide():
     assert safe_name("r1_cam0_f0001") == "r1_cam0_f0001"
     names = {safe_name(x) for x in ("a/b", "a_b", "a b", "../a_b", "")}
     assert len(names) == 5 and all("/" not in n and n and not n.startswith(".") for n in names)
+
+
+def test_track_box_is_refined_without_taking_the_touching_neighbour():
+    plate = np.full((60, 120, 3), 60, np.uint8)
+    frame = plate.copy()
+    frame[10:50, 20:50] = (200, 200, 200)                         # the product
+    frame[10:50, 50:80] = (180, 220, 180)                         # its neighbour, touching it
+    got = detect.refine_track_box(frame, plate, (22, 12, 49, 47), diff_threshold=30)
+    assert got == (20, 10, 49, 50)                                # grown to the product, not into the neighbour
+    assert detect.refine_track_box(plate, plate, (23, 12, 49, 47), 30) == (23, 12, 49, 47)   # no foreground
+
+
+def test_plate_leaves_out_the_tracked_products():
+    rng = np.random.default_rng(0)
+    belt = rng.integers(40, 90, (30, 40, 3), dtype=np.uint8)
+    frames, covers = [], []
+    for k in range(9):
+        f, c = belt.copy(), np.zeros((30, 40), bool)
+        if k % 3:                                                 # a product over the left half in 2 of 3
+            f[:, :20], c[:, :22] = 230, True
+        frames.append(f)
+        covers.append(c)
+    assert (detect.median_plate(frames)[:, :20] == 230).all()     # the plain median takes the product
+    assert np.array_equal(detect.masked_median_plate(frames, covers), belt)

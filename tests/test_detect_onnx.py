@@ -135,3 +135,14 @@ def test_stage_with_onnx_detector(models, tmp_path, monkeypatch):
     meta = read_meta("out/detect/manifest.parquet")
     assert meta["detector"] == "onnx" and meta["onnx_model"].endswith("yolov8.onnx")
     assert any("detector: onnx" in n for n in report.notes)
+
+
+def test_detect_all_and_the_box_nearest_the_track(models):
+    det = detect.OnnxDetector(models["yolov5"], score_threshold=0.25, class_id=None)
+    frame = _frame()
+    found = det.detect_all(frame)
+    assert len(found) == 2                                   # the blob, and the class-1 decoy; NMS took the duplicate
+    blob = max(found, key=lambda f: iou(f[0], (70, 30, 110, 90)))
+    assert iou(blob[0], (70, 30, 110, 90)) > 0.8
+    assert detect._best_overlap(found, (72, 32, 108, 88)) == blob      # with a track box: the one overlapping it
+    assert detect._best_overlap(found, (0, 0, 5, 5)) is None

@@ -168,3 +168,11 @@ def test_empty_composite_leaves_crops_unmasked(tmp_path, monkeypatch):
     assert list(df.image_path) == list(src.image_path) and df.composite_mask_path.isna().all()
     assert df.fg_mask_path.notna().all()
     assert any("1 product/camera composite(s) empty" in n for n in report.notes)
+
+
+def test_box_in_crop_marks_the_box_where_detect_cut_around_it():
+    box = (20, 10, 60, 30)                                        # 40 x 20, margin 0.1 -> square side 48
+    m = masks.box_in_crop(box, 0.1, 96, grow=0.0)
+    ys, xs = np.nonzero(m)
+    assert (xs.min(), xs.max() + 1) == (8, 88) and (ys.min(), ys.max() + 1) == (28, 68)
+    assert masks.box_in_crop(box, 0.1, 96).sum() > m.sum()      # grown a little by default

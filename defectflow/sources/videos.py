@@ -3,7 +3,8 @@
 ``videos.csv``: ``video,camera,run,split`` (+ optional ``label`` for every pass of the video);
 ``video`` is a path relative to the folder, or an absolute path (``~`` is expanded), so
 a folder can list videos that live elsewhere (e.g. a shared footage store). ``passes.csv`` (optional):
-``run,pass_index,product_id,label,defect_type,split,defect_cameras``. See ARCHITECTURE.md.
+``run,pass_index,product_id,label,defect_type,split,defect_cameras`` (+ optional ``lane``: passes
+are numbered per lane; empty = the default lane ``main``). See ARCHITECTURE.md.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from defectflow.manifest import LABELS, SPLITS
 
 VIDEO_COLUMNS = ("video", "camera", "run", "split")
 PASS_COLUMNS = ("run", "pass_index", "product_id", "label", "defect_type", "split", "defect_cameras")
+DEFAULT_LANE = "main"        # the lane of frames.region: passes.csv rows without a lane, ids without a lane part
 
 
 class VideoSourceError(DefectflowError):
@@ -95,8 +97,8 @@ def load_videos(folder: Path | str) -> pd.DataFrame:
 def load_passes(folder: Path | str) -> pd.DataFrame | None:
     """Read ``folder/passes.csv`` if present (else None); ``pass_index`` as int, empty cells as "".
 
-    Raises VideoSourceError naming the file for missing columns, bad values, duplicate
-    (run, pass_index) or product ids.
+    ``lane`` is DEFAULT_LANE where the column or the cell is empty. Raises VideoSourceError naming
+    the file for missing columns, bad values, duplicate (run, lane, pass_index) or product ids.
     """
     path = Path(folder) / "passes.csv"
     if not path.exists():
@@ -111,11 +113,12 @@ def load_passes(folder: Path | str) -> pd.DataFrame | None:
         raise VideoSourceError(f"{path}: column 'pass_index' must be a whole number >= 0 "
                                f"(line(s) {[i + 2 for i in bad[:5]]})")
     df["pass_index"] = idx.astype("int64")
-    for cols in (["run", "pass_index"], ["product_id"]):
+    df["lane"] = df["lane"].replace("", DEFAULT_LANE) if "lane" in df.columns else DEFAULT_LANE
+    for cols in (["run", "lane", "pass_index"], ["product_id"]):
         dup = df[df.duplicated(cols, keep=False)]
         if len(dup):
             raise VideoSourceError(f"{path}: duplicate {'/'.join(cols)}: {dup[cols].iloc[0].tolist()}")
-    return df[list(PASS_COLUMNS)].reset_index(drop=True)
+    return df[[*PASS_COLUMNS, "lane"]].reset_index(drop=True)
 
 
 def defect_cameras(value: str) -> list[str]:
