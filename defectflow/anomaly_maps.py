@@ -187,6 +187,31 @@ def level_stats(level_maps: Sequence) -> list[tuple[float, float]]:
     return out
 
 
+def cell_map(level_maps: Sequence) -> np.ndarray:
+    """Per-group maps ``[(N, h_i, w_i)]`` -> ``(N, h0, w0)`` on the finest group's own grid (one value per
+    backbone cell, no blur): the coarser groups bilinearly resampled (half-pixel centres), then averaged."""
+    arrs = [np.asarray(m.detach().cpu().numpy() if hasattr(m, "detach") else m, np.float32) for m in level_maps]
+    h, w = max(a.shape[1] for a in arrs), max(a.shape[2] for a in arrs)
+    out = np.zeros((arrs[0].shape[0], h, w), np.float32)
+    for a in arrs:
+        out += a if a.shape[1:] == (h, w) else np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)
+                                                          for m in a])
+    return out / len(arrs)
+
+
+def inner(maps: np.ndarray, border: int) -> np.ndarray:
+    """``maps`` without ``border`` cells at each edge (at least one cell is kept)."""
+    b = min(int(border), (maps.shape[1] - 1) // 2, (maps.shape[2] - 1) // 2)
+    return maps[:, b:maps.shape[1] - b, b:maps.shape[2] - b] if b > 0 else maps
+
+
+def cell_scores(level_maps: Sequence, method: str = "max", top_fraction: float = 0.01, border: int = 1) -> np.ndarray:
+    """The conv head's image score: :func:`image_scores` of :func:`cell_map` without ``border`` cells at each
+    edge. Cells at the image edge carry the backbone's zero padding (on a screw's bright background, on a tile's
+    edge) and score high on good images; every interior cell still sees the edge through its receptive field."""
+    return image_scores(inner(cell_map(level_maps), border), method, top_fraction)
+
+
 def image_scores(amaps: np.ndarray, method: str = "max", top_fraction: float = 0.01) -> np.ndarray:
     """Image score from its map: ``max``, or ``topk`` = mean of the top ``top_fraction`` of pixels."""
     a = np.asarray(amaps, np.float32).reshape(len(amaps), -1)

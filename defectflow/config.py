@@ -29,7 +29,7 @@ class SourceParams(_Strict):
     demo_kind: Literal["cameras", "streams"] = Field("cameras", description=(
         "demo videos: cameras (one product at a time, 4 cameras) or streams (continuous product streams: "
         "touching products, stop-and-go belt, two lanes in perspective; see sources/demo_streams.py)"))
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0)
 
 
 Region = Union[tuple[float, float, float, float], list[tuple[float, float]]]
@@ -190,19 +190,23 @@ class SynthParams(_Strict):
 
 class ConvHeadParams(_Strict):
     """The fully convolutional density head (``train.head: conv | both``): maps, pixel AUROC, boxes."""
-    levels: tuple[int, ...] = Field((0, 1, 2), min_length=1, max_length=3, description=(
+    levels: tuple[int, ...] = Field((0, 1), min_length=1, max_length=3, description=(
         "backbone feature levels it models (0 = stride 8, 1 = stride 16, 2 = stride 32)"))
     merge: tuple[int, ...] = Field((0, 1), max_length=3, description=(
         "levels concatenated into one patch feature on the finest one's grid (PatchCore's patches: each "
         "position sees its detail and its context), modelled together (those among `levels`, when two or "
         "more are); [] = every level alone"))
+    merge_mode: Literal["context", "concat"] = Field("context", description=(
+        "merged levels modelled as p(finest | context of the coarser) p(coarser) (context) or as one "
+        "concatenated feature (concat: the same joint, 2.5x the cost)"))
+    context_channels: int = Field(64, ge=1, le=1024, description="merge_mode context: learnt context channels")
     local_average: int = Field(3, ge=1, le=7, description=(
         "each level averaged over every position's k x k neighbourhood first (odd; 1 = off)"))
     temper: float = Field(0.1, ge=0.0, le=1.0, description=(
         "beta: positions weighted by p^-beta in training, so rare normal patches are learnt as well as common "
         "ones (0 = plain maximum likelihood)"))
     n_blocks: int = Field(4, ge=1, le=32)
-    hidden_ratio: float = Field(0.5, gt=0.0, le=8.0, description="subnet hidden channels / level channels")
+    hidden_ratio: float = Field(1.0, gt=0.0, le=8.0, description="subnet hidden channels / level channels")
     kernels: tuple[int, ...] = Field((1,), min_length=1, max_length=8, description="subnet kernels, alternating")
     subnet: Literal["dense", "separable"] = Field("dense", description=(
         "dense: k x k convs; separable: 1 x 1 -> depthwise k x k -> 1 x 1 (k x k context, about 1 x 1 cost)"))
@@ -272,8 +276,8 @@ class TrainParams(_Strict):
     selection: Literal["val_split", "last_epoch"] = Field("val_split", description=(
         "val_split: a seeded share of good val images picks the epoch, another standardises the heads' scores "
         "(fused), the rest calibrates the threshold; last_epoch: train all epochs, no val image picks one"))
-    select_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of good val images used to pick the epoch")
-    standardise_fraction: float = Field(0.25, gt=0.0, lt=1.0, description=(
+    select_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of good val images used to pick the epoch")
+    standardise_fraction: float = Field(0.2, gt=0.0, lt=1.0, description=(
         "both heads: share of good val images whose scores standardise each head (fusion.json); "
         "never the ones that pick the epoch or calibrate the threshold"))
     feature_cache: bool = Field(True, description="cache backbone features per image under .cache/defectflow/features")
@@ -324,10 +328,13 @@ class EvaluateParams(_Strict):
 class MapsParams(_Strict):
     """Anomaly maps of the conv head: image size maps, their image score, boxes."""
     levels: Optional[tuple[int, ...]] = Field(None, min_length=1, max_length=3, description=(
-        "conv levels averaged into the shown anomaly map (heat maps, boxes, pixel AUROC); null = every level of "
-        "train.conv.levels. The conv head's image score always uses every level"))
-    sigma: float = Field(4.0, ge=0.0, le=64.0, description="Gaussian blur of the maps, pixels at train.image_size")
-    score: Literal["max", "topk", "mean"] = Field("max", description="conv head image score from its map")
+        "conv levels whose groups make the shown anomaly map (heat maps, boxes, pixel AUROC) and the conv "
+        "head's image score; null = every level of train.conv.levels"))
+    sigma: float = Field(4.0, ge=0.0, le=64.0, description="Gaussian blur of the shown maps, pixels at train.image_size")
+    score: Literal["max", "topk", "mean"] = Field("max", description=(
+        "conv head image score from the map's cells (one per finest backbone cell, unblurred)"))
+    border: int = Field(1, ge=0, le=8, description=(
+        "cells at each edge left out of the conv image score (zero-padding artefacts of the backbone); 0 = none"))
     top_fraction: float = Field(0.01, gt=0.0, le=1.0, description="score topk: share of the highest pixels averaged")
     min_area: float = Field(0.001, gt=0.0, description="smallest box region: fraction of the map (< 1) or pixels (>= 1)")
     confidence: Literal["max", "mean"] = Field("max", description="box confidence: max or mean of the map inside")

@@ -240,7 +240,7 @@ def run(params: Params, inp: Path, model_dir: Path, threshold_path: Path, out_di
             scored.loc[scored["label"] == "good", "score"], threshold, thr_info)
         if fa["shift"] and fa["shift"]["shifted"]:
             metrics["notes"].append(fa["shift"]["message"])
-        if fa["test_holds_target"] is False:
+        if fa["test_at_most_target"] is False:
             metrics["notes"].append(f"test false-alarm rate {fa['test']['rate']:.3g} (95% CI {fa['test']['ci95'][0]:.3g}-"
                                     f"{fa['test']['ci95'][1]:.3g}) is above the target {fa['target']:g}")
         if test.empty:

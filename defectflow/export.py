@@ -94,6 +94,7 @@ class FullScorer(nn.Module):
             self.levels = list(heads.conv.meta["features"]["levels"])
             self.shown = heads.conv.map_levels(params)
             self.map_score, self.top_fraction, self.sigma = mp.score, mp.top_fraction, float(mp.sigma)
+            self.border = int(mp.border)
 
     def _combine_levels(self, nll: list[torch.Tensor]) -> torch.Tensor:
         """:func:`defectflow.anomaly_maps.combine_levels`: ``(N, gh, gw)`` on the map grid (static shapes)."""
@@ -116,6 +117,19 @@ class FullScorer(nn.Module):
         if tuple(grid.shape[1:]) == (self.size, self.size):
             return grid
         return F.interpolate(grid.unsqueeze(1), size=(self.size, self.size), mode="bilinear", align_corners=False)[:, 0]
+
+    @staticmethod
+    def _cell_map(nll: list[torch.Tensor]) -> torch.Tensor:
+        """:func:`defectflow.anomaly_maps.cell_map` (static shapes)."""
+        h, w = max(int(m.shape[1]) for m in nll), max(int(m.shape[2]) for m in nll)
+        up = [m if tuple(m.shape[1:]) == (h, w) else
+              F.interpolate(m.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False)[:, 0] for m in nll]
+        return torch.stack(up).mean(dim=0)
+
+    def _inner(self, cells: torch.Tensor) -> torch.Tensor:
+        h, w = int(cells.shape[1]), int(cells.shape[2])
+        b = min(self.border, (h - 1) // 2, (w - 1) // 2)
+        return cells[:, b:h - b, b:w - b] if b > 0 else cells
 
     def _map_score(self, amap: torch.Tensor) -> torch.Tensor:
         flat = amap.flatten(1)
@@ -144,10 +158,9 @@ class FullScorer(nn.Module):
             out[HEADS["image"]] = self.density.score_graph(torch.cat(pooled, dim=1).reshape(n, t, -1))
         if self.conv is not None:
             nll = [-ll / c for ll, c in zip(self.conv([conv_maps[i] for i in self.levels]), self.conv.channels)]
-            every = self._combine_levels(nll)
-            out[HEADS["conv"]] = self._map_score(every)
-            shown = every if self.shown is None else self._combine_levels([nll[i] for i in self.shown])
-            out["anomaly_map"] = self._to_image_size(shown)
+            chosen = nll if self.shown is None else [nll[i] for i in self.shown]
+            out[HEADS["conv"]] = self._map_score(self._inner(self._cell_map(chosen)))
+            out["anomaly_map"] = self._to_image_size(self._combine_levels(chosen))
         if self.fusion is not None:
             z = [(out[HEADS[h]] - v["mean"]) / v["std"] for h, v in self.fusion["heads"].items()]
             score = torch.stack(z).mean(dim=0)

@@ -153,7 +153,9 @@ def _false_alarm_rows(fa: dict) -> list[dict]:
         return f"{r['ci95'][0]:.3g} - {r['ci95'][1]:.3g}" if r.get("ci95") else ""
     rows = [{"name": "target (threshold.target_fpr)", "rate": _fmt(fa.get("target")), "n": "", "ci": ""}]
     if fa.get("expected") is not None:
-        rows.append({"name": "promised by the conformal threshold", "rate": _fmt(fa["expected"]), "n": "", "ci": ""})
+        rng = fa.get("promised_range95")
+        rows.append({"name": "promised by the conformal threshold", "rate": _fmt(fa["expected"]), "n": "",
+                     "ci": f"{rng[0]:.3g} - {rng[1]:.3g} (over calibration draws)" if rng else ""})
     rows.append({"name": "validation (calibration images)", "rate": _fmt(fa["val"]["rate"]), "n": fa["val"]["n"],
                  "ci": ci(fa["val"])})
     rows.append({"name": "test", "rate": _fmt(fa["test"]["rate"]), "n": fa["test"]["n"], "ci": ci(fa["test"])})

@@ -285,17 +285,18 @@ class ConvHead:
     def summarise(self, feature_maps: Sequence[np.ndarray], params: Params, keep: bool = True,
                   map_threshold: float | None = None) -> tuple[np.ndarray | None, dict]:
         """Anomaly maps at ``train.image_size`` of ``maps.levels`` (if ``keep``) and the per-image columns
-        ``score_conv`` (from every level's map), ``map_mean`` and, given a map threshold, ``map_area``
-        and ``n_boxes``."""
-        from defectflow.anomaly_maps import boxes_from_map, combine_levels, image_scores, to_image_size
+        ``score_conv`` (:func:`~defectflow.anomaly_maps.cell_scores` of the shown groups' cells, without
+        ``maps.border`` cells at each edge), ``map_mean`` and, given a map threshold, ``map_area`` and
+        ``n_boxes``."""
+        from defectflow.anomaly_maps import boxes_from_map, cell_scores, combine_levels, to_image_size
 
         mp = params.maps
         size = (self.image_size,) * 2
         nll = self.nll_maps(feature_maps, params.train.threads)
-        every = combine_levels(nll, size, mp.sigma)            # on the map grid; upsampled only when needed
         shown = self.map_levels(params)
-        grid = every if shown is None else combine_levels([nll[i] for i in shown], size, mp.sigma)
-        cols = {"score_conv": image_scores(every, mp.score, mp.top_fraction),
+        chosen = nll if shown is None else [nll[i] for i in shown]
+        grid = combine_levels(chosen, size, mp.sigma)          # on the map grid; upsampled only when needed
+        cols = {"score_conv": cell_scores(chosen, mp.score, mp.top_fraction, mp.border),
                 "map_mean": grid.reshape(len(grid), -1).mean(axis=1).astype(np.float64)}
         amaps = to_image_size(grid, size) if keep or map_threshold is not None else None
         if map_threshold is not None:

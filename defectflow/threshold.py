@@ -22,10 +22,8 @@ below ``low``, ``review`` from ``low`` to ``high``, ``bad`` at or above ``high``
 
 The threshold is fitted on ``score``: the ``train.score_from`` head's. With a conv head the
 stage also fits the **map threshold** (``threshold.json["conv"]``): a map pixel at or above it is
-defective, its connected regions are the boxes. It is the image threshold itself when the conv head
-scores from its map maximum (``score_from: conv``, ``maps.score: max``), else the conformal
-``target_fpr`` threshold of the good calibration images' map maxima (at most about
-``target_fpr`` of good images get a box). Also the overlay colour range: ``vmin`` = median of
+defective, its connected regions are the boxes: the conformal ``target_fpr`` threshold of the good
+calibration images' map maxima (at most about ``target_fpr`` of good images get a box). Also the overlay colour range: ``vmin`` = median of
 the good calibration maps, ``vmax = vmin + 3 (map threshold - vmin)``.
 
 Writes ``threshold.json`` (atomically) and the scored validation rows (SCORES schema).
@@ -148,24 +146,19 @@ def band_of(scores, low: float, high: float) -> np.ndarray:
 
 
 def fit_map_threshold(scored, amaps: np.ndarray, threshold: float, scored_by: str, params: Params) -> dict:
-    """The conv head's map (pixel / box) threshold and overlay colour range from calibration rows.
-
-    ``score_from: conv`` with ``maps.score: max``: the image threshold itself. Otherwise the conformal
-    ``threshold.target_fpr`` threshold of the good calibration images' map maxima.
-    """
+    """The conv head's map (pixel / box) threshold and overlay colour range from calibration rows: the
+    conformal ``threshold.target_fpr`` threshold of the good calibration images' map maxima (at most about
+    ``target_fpr`` of good images get a box)."""
     lab = scored["label"].to_numpy()
     good = lab == "good"
     if amaps is None or not good.any():
         raise ThresholdError("no good calibration maps to fit the conv head's map threshold on")
     gmaps = amaps[good]
     fpr = params.threshold.target_fpr
-    if scored_by == "conv" and params.maps.score == "max":
-        thr, rule = float(threshold), "the image threshold (score_from conv, maps.score max)"
-    else:
-        fit = conformal_threshold(gmaps.reshape(len(gmaps), -1).max(axis=1), fpr)
-        thr = fit["threshold"]
-        rule = (f"the {fit['k']}-th lowest map maximum of {fit['n']} good calibration images (conformal, "
-                f"threshold.target_fpr = {fpr:g})")
+    fit = conformal_threshold(gmaps.reshape(len(gmaps), -1).max(axis=1), fpr)
+    thr = fit["threshold"]
+    rule = (f"the {fit['k']}-th lowest map maximum of {fit['n']} good calibration images (conformal, "
+            f"threshold.target_fpr = {fpr:g})")
     vmin = float(np.median(gmaps))
     vmax = vmin + 3.0 * max(thr - vmin, 1e-6)
     s = scored[HEADS["conv"]].to_numpy()
@@ -263,7 +256,8 @@ def run(params: Params, inp: Path, model_dir: Path, out_path: Path, scores_path:
         report.notes.append(f"skipped {len(skipped)} unreadable image(s): " + "; ".join(p for p, _ in skipped))
     if fit["note"]:
         report.notes.append(fit["note"])
-        log.warning("threshold: %s", fit["note"])
+        worry = fit["method_used"] != tp.method or (fit["conformal"] and not fit["conformal"]["enough"])
+        (log.warning if worry else log.info)("threshold: %s", fit["note"])
     report.seconds = time.perf_counter() - t0
     for note in report.notes:
         log.info("threshold: %s", note)

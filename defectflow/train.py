@@ -252,7 +252,8 @@ def _train_conv_head(params: Params, src: Path, train_df, sel_df, out, report, c
     cfg = ConvFitConfig(n_blocks=cp.n_blocks, hidden_ratio=cp.hidden_ratio, kernels=tuple(cp.kernels),
                         subnet=cp.subnet, clamp=cp.clamp, epochs=cp.epochs, batch_size=cp.batch_size, lr=cp.lr,
                         weight_decay=cp.weight_decay, seed=params.seed, threads=tp.fit_threads,
-                        groups=tuple(cp.groups()), local_average=cp.local_average, temper=cp.temper)
+                        groups=tuple(cp.groups()), local_average=cp.local_average, temper=cp.temper,
+                        merge_mode=cp.merge_mode, context_channels=cp.context_channels)
     torch.manual_seed(params.seed)
     res = fit_conv_flow(tr, va, cfg, progress=True)
     del tr, va

@@ -200,12 +200,14 @@ def test_patch_groups_merge_levels_on_the_finest_grid_with_a_local_average():
     a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4)
     m = ConvFlow.for_inputs([3, 5], groups=((0, 1),), local_average=3, n_blocks=1)
     assert m.channels == (8,) and m.config.inputs == (3, 5)
-    (g,) = m.prepare([a, b])
+    ((pa, pb),) = m.prepare([a, b])
+    assert pa.shape == (2, 3, 8, 8) and pb.shape == (2, 5, 4, 4)
+    g = m.levels[0].combine([pa, pb])
     assert g.shape == (2, 8, 8, 8)
     # an interior position is the 3 x 3 mean of level 0 there; level 1 is upsampled after its own average
     torch.testing.assert_close(g[:, :3, 4, 4], a[:, :, 3:6, 3:6].mean(dim=(2, 3)))
     flat = torch.full((1, 3, 6, 6), 2.0)
-    (h,) = ConvFlow.for_inputs([3], local_average=3, n_blocks=1).prepare([flat])
+    ((h,),) = ConvFlow.for_inputs([3], local_average=3, n_blocks=1).prepare([flat])
     torch.testing.assert_close(h, flat)          # reflected borders: a constant map stays constant
     payload = m.to_payload()
     again = ConvFlow.from_payload(payload)
@@ -214,10 +216,11 @@ def test_patch_groups_merge_levels_on_the_finest_grid_with_a_local_average():
         ConvFlow([7], in_channels=[3, 5], groups=[(0, 1)])
 
 
-def test_onnx_export_of_merged_groups_matches_torch(tmp_path):
+@pytest.mark.parametrize("mode", ["concat", "context"])
+def test_onnx_export_of_merged_groups_matches_torch(tmp_path, mode):
     ort = pytest.importorskip("onnxruntime")
     m = ConvFlow.for_inputs([6, 8, 4], groups=((0, 1), (2,)), local_average=3, n_blocks=2, hidden_ratio=1.0,
-                            kernels=(1,))
+                            kernels=(1,), merge_mode=mode, context_channels=5)
     _randomise(m, scale=0.2)
     m.eval()
     path = export_onnx(m, tmp_path / "conv.onnx", sizes=[(8, 8), (4, 4), (2, 2)])
@@ -229,6 +232,30 @@ def test_onnx_export_of_merged_groups_matches_torch(tmp_path):
         assert [g.shape for g in got] == [tuple(t.shape) for t in want] == [(n, h, w), (n, h // 4, w // 4)]
         for g, t in zip(got, want):
             np.testing.assert_allclose(g, t.numpy(), rtol=1e-4, atol=1e-4 * float(t.abs().max()))
+
+
+def test_context_group_is_the_joint_of_a_conditional_and_the_coarse_density():
+    """merge_mode context: log p(fine, coarse) = log p(fine | context) + log p(coarse), the coarse term upsampled;
+    with the couplings at the identity both parts are standard normals of the standardised maps."""
+    m = ConvFlow.for_inputs([3, 5], groups=((0, 1),), local_average=1, n_blocks=2, merge_mode="context",
+                            context_channels=4)
+    assert m.channels == (8,)
+    a, b = torch.randn(2, 3, 6, 6), torch.randn(2, 5, 3, 3)
+    (ll,) = m.log_likelihood_maps([a, b])
+    std = -0.5 * math.log(2 * math.pi)
+    fine = (-0.5 * a ** 2 + std).sum(dim=1)
+    coarse = torch.nn.functional.interpolate((-0.5 * b ** 2 + std).sum(dim=1)[:, None], size=(6, 6), mode="bilinear",
+                                             align_corners=False)[:, 0]
+    torch.testing.assert_close(ll, fine + coarse)
+    _randomise(m, scale=0.3)
+    ll2 = m.log_likelihood_maps([a, b])[0]
+    b2 = b.clone()
+    b2[:, :, 0, 0] += 3.0                    # the context changes the fine term, not only the coarse one
+    cond = m.levels[0].context(m.levels[0].context_std(b)[0])
+    cond2 = m.levels[0].context(m.levels[0].context_std(b2)[0])
+    assert not torch.allclose(cond, cond2) and not torch.allclose(ll2, m.log_likelihood_maps([a, b2])[0])
+    with pytest.raises(ValueError, match="at most two levels"):
+        ConvFlow.for_inputs([3, 5, 2], groups=((0, 1, 2),), merge_mode="context")
 
 
 def _two_mode_maps(n: int, seed: int, rare: float = 0.05, offset: float = 1.0) -> tuple[np.ndarray, np.ndarray]:

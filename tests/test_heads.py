@@ -133,18 +133,18 @@ def test_head_both_evaluate_gives_pixel_auroc_boxes_and_overlays(both):
         assert "heat map + boxes" in html and "anomaly map\" src=\"data:image/jpeg;base64," in html
 
 
-def test_score_from_conv_uses_the_map_score_and_the_same_threshold(both, tmp_path):
+def test_score_from_conv_uses_the_map_score(both, tmp_path):
     root, inp, _, _, _ = both
     params = _params(head="both", score_from="conv")
     threshold.run(params, inp, root / "model", tmp_path / "t.json", tmp_path / "v.parquet")
     thr = json.loads((tmp_path / "t.json").read_text())
-    assert thr["score_from"] == "conv" and thr["conv"]["map_threshold"] == thr["threshold"]
+    assert thr["score_from"] == "conv" and "conformal" in thr["conv"]["rule"]
     evaluate.run(params, inp, root / "model", tmp_path / "t.json", tmp_path / "rep")
     m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert m["image_auroc"] == m["heads"]["conv"]["image_auroc"] and m["score_from"] == "conv"
     scores = read_manifest(tmp_path / "rep" / "scores.parquet", SCORES)
     assert np.allclose(scores["score"], scores["score_conv"])
-    # every flagged image has a pixel over the map threshold: a box unless it is smaller than min_area
+    # boxes are drawn on flagged images only
     boxes = pd.read_parquet(tmp_path / "rep" / "boxes.parquet")
     assert set(boxes.item_id) <= set(scores.loc[scores.pred_defect, "item_id"])
     # a threshold fitted on the other head's scores is refused
@@ -191,32 +191,33 @@ def test_both_heads_share_one_backbone_pass_and_onnx_equals_torch(both):
     heads = load_heads(root / "model")
     assert heads.shares_pass(params)
     shared, amaps = score_with_maps(test, root / "model", params, model=heads, keep_maps=True)
-    from defectflow.anomaly_maps import anomaly_maps, combine_levels, image_scores
+    from defectflow.anomaly_maps import anomaly_maps
     conv = heads.conv
     maps = conv.extractor(params).extract(test["image_path"].tolist())
     nll = conv.nll_maps(maps, backend="torch")
     ref = anomaly_maps(nll, (64, 64), params.maps.sigma)
     np.testing.assert_allclose(amaps, ref, rtol=1e-4, atol=1e-4)
-    grid = combine_levels(nll, (64, 64), params.maps.sigma)           # scores come from the map grid
-    np.testing.assert_allclose(shared["score_conv"], image_scores(grid, params.maps.score), rtol=1e-4)
+    from defectflow.anomaly_maps import cell_scores   # scores come from the unblurred cells, borders left out
+    want = cell_scores(nll, params.maps.score, params.maps.top_fraction, params.maps.border)
+    np.testing.assert_allclose(shared["score_conv"], want, rtol=1e-4)
     alone = score_items(test, root / "model", _params(head="image"), model=heads.image)
     np.testing.assert_allclose(shared["score_image"], alone["score_image"], rtol=1e-5)
 
 
-def test_map_levels_choose_the_shown_map_and_keep_the_conv_score(both):
-    """maps.levels: the shown map (heat maps, boxes, pixel AUROC) from some levels; score_conv from all."""
+def test_map_levels_choose_the_shown_map_and_the_conv_score(both):
+    """maps.levels: the shown map (heat maps, boxes, pixel AUROC) and score_conv from those levels' groups."""
     root, inp, params, _, _ = both
     df = read_manifest(inp / "manifest.parquet", SYNTH)
     test = df[df.split == "test"]
     fine = params.model_copy(update={"maps": params.maps.model_copy(update={"levels": (0,)})})
     a, amaps_all = score_with_maps(test, root / "model", params, keep_maps=True)
     b, amaps_fine = score_with_maps(test, root / "model", fine, keep_maps=True)
-    np.testing.assert_allclose(a["score_conv"], b["score_conv"], rtol=1e-6)
-    assert not np.allclose(amaps_all, amaps_fine)
-    from defectflow.anomaly_maps import anomaly_maps
+    assert not np.allclose(amaps_all, amaps_fine) and not np.allclose(a["score_conv"], b["score_conv"])
+    from defectflow.anomaly_maps import anomaly_maps, cell_scores
     heads = load_heads(root / "model")
     nll = heads.conv.nll_maps(heads.conv.extractor(params).extract(test["image_path"].tolist()))
     np.testing.assert_allclose(amaps_fine, anomaly_maps(nll[:1], (64, 64), params.maps.sigma), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(b["score_conv"], cell_scores(nll[:1], "max", border=params.maps.border), rtol=1e-4)
     from defectflow.export import export_model, onnx_scores
     from defectflow.features import _resize, load_image
     out = export_model(root / "model", root / "fine.onnx", fine)

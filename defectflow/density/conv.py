@@ -40,7 +40,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from defectflow.density.blocks import soft_clamp
@@ -86,13 +85,14 @@ class Standardize2d(nn.Module):
 
 class ConvCoupling(nn.Module):
     """Affine coupling with a conv subnet (FastFlow): ``x = [a, b]`` split on channels,
-    ``b' = b * exp(s(a)) + t(a)``, ``a`` unchanged; ``s`` soft-clamped to (-clamp, clamp).
+    ``b' = b * exp(s(a)) + t(a)``, ``a`` unchanged; ``s`` soft-clamped to (-clamp, clamp). With
+    ``cond_channels`` the subnet also sees a conditioning map ``cond`` (``s(a, cond)``, ``t(a, cond)``).
     Subnet ``dense``: Conv(k) -> ReLU -> Conv(k); ``separable``: Conv(1) -> depthwise Conv(k) ->
     ReLU -> Conv(1) (the same k x k context at about the cost of 1 x 1 kernels). The last conv
     is zero-initialised (identity at start). ``clamp_kind``: :func:`soft_clamp`'s atan or tanh."""
 
     def __init__(self, channels: int, hidden: int, kernel: int = 3, clamp: float = 2.0, subnet: str = "dense",
-                 clamp_kind: str = "atan"):
+                 clamp_kind: str = "atan", cond_channels: int = 0):
         super().__init__()
         if channels < 2:
             raise ValueError(f"ConvCoupling: channels must be >= 2, got {channels}")
@@ -106,21 +106,23 @@ class ConvCoupling(nn.Module):
         self.clamp_kind = str(clamp_kind)
         soft_clamp(torch.zeros(1), 1.0, self.clamp_kind)        # rejects an unknown kind here
         pad = kernel // 2
+        self.cond_channels = int(cond_channels)
+        c_in = self.c1 + self.cond_channels
         if subnet == "dense":
-            self.net = nn.Sequential(nn.Conv2d(self.c1, hidden, kernel, padding=pad), nn.ReLU(),
+            self.net = nn.Sequential(nn.Conv2d(c_in, hidden, kernel, padding=pad), nn.ReLU(),
                                      nn.Conv2d(hidden, 2 * self.c2, kernel, padding=pad))
         elif subnet == "separable":
             spatial = [nn.Conv2d(hidden, hidden, kernel, padding=pad, groups=hidden)] if kernel > 1 else []
-            self.net = nn.Sequential(nn.Conv2d(self.c1, hidden, 1), *spatial, nn.ReLU(),
+            self.net = nn.Sequential(nn.Conv2d(c_in, hidden, 1), *spatial, nn.ReLU(),
                                      nn.Conv2d(hidden, 2 * self.c2, 1))
         else:
             raise ValueError(f"ConvCoupling: subnet must be dense or separable, got {subnet!r}")
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, x: Tensor, rev: bool = False) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, rev: bool = False, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         a, b = x[:, :self.c1], x[:, self.c1:]
-        st = self.net(a)
+        st = self.net(a if cond is None else torch.cat([a, cond], dim=1))
         s, t = soft_clamp(st[:, :self.c2], self.clamp, self.clamp_kind), st[:, self.c2:]
         if not rev:
             return torch.cat([a, b * torch.exp(s) + t], dim=1), s.sum(dim=1)
@@ -144,58 +146,27 @@ class LevelFlow(nn.Module):
     """The density model of one feature level (C channels, any h x w)."""
 
     def __init__(self, channels: int, n_blocks: int, hidden: int, kernels: Sequence[int], clamp: float, seed: int,
-                 subnet: str = "dense", clamp_kind: str = "atan"):
+                 subnet: str = "dense", clamp_kind: str = "atan", cond_channels: int = 0):
         super().__init__()
         self.channels = int(channels)
         blocks: list[nn.Module] = [Standardize2d(channels)]
         for i in range(n_blocks):
-            blocks.append(ConvCoupling(channels, hidden, kernels[i % len(kernels)], clamp, subnet, clamp_kind))
+            blocks.append(ConvCoupling(channels, hidden, kernels[i % len(kernels)], clamp, subnet, clamp_kind,
+                                       cond_channels))
             blocks.append(ChannelPermutation(channels, seed=seed * 1000 + i))
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x: Tensor, rev: bool = False) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, rev: bool = False, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         log_det = torch.zeros_like(x[:, 0])
         for block in (reversed(self.blocks) if rev else self.blocks):
-            x, ld = block(x, rev=rev)
+            x, ld = block(x, rev=rev, cond=cond) if isinstance(block, ConvCoupling) else block(x, rev=rev)
             log_det = log_det + ld
         return x, log_det
 
-    def log_likelihood_map(self, x: Tensor) -> Tensor:
-        """log p per position, nats, every term: ``(N, h, w)``."""
-        z, log_det = self(x)
+    def log_likelihood_map(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        """log p per position (given ``cond`` when the couplings take one), nats, every term: ``(N, h, w)``."""
+        z, log_det = self(x, cond=cond)
         return -0.5 * (z ** 2).sum(dim=1) - 0.5 * self.channels * _LOG_2PI + log_det
-
-
-# ------------------------------------------------------------------ inputs
-class PatchGroups(nn.Module):
-    """Backbone level maps -> the maps the group models see: per group, its levels (each averaged over
-    its ``local_average`` x ``local_average`` neighbourhood, reflected at the borders), resized
-    bilinearly to the grid of the group's first level and concatenated on the channels."""
-
-    def __init__(self, groups: Sequence[Sequence[int]], local_average: int = 1):
-        super().__init__()
-        self.groups = tuple(tuple(int(i) for i in g) for g in groups)
-        self.local_average = int(local_average)
-        if self.local_average < 1 or self.local_average % 2 == 0:
-            raise ValueError(f"PatchGroups: local_average must be odd and >= 1, got {local_average}")
-
-    def _smooth(self, x: Tensor) -> Tensor:
-        k = self.local_average
-        if k == 1:
-            return x
-        p = k // 2
-        if min(x.shape[2], x.shape[3]) > p:
-            return F.avg_pool2d(F.pad(x, (p, p, p, p), mode="reflect"), k, stride=1)
-        return F.avg_pool2d(x, k, stride=1, padding=p, count_include_pad=False)
-
-    def forward(self, maps: Sequence[Tensor]) -> list[Tensor]:
-        out = []
-        for g in self.groups:
-            first = self._smooth(maps[g[0]])
-            parts = [first] + [F.interpolate(self._smooth(maps[i]), size=first.shape[2:], mode="bilinear",
-                                             align_corners=False) for i in g[1:]]
-            out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
-        return out
 
 
 # ------------------------------------------------------------------ model
@@ -203,7 +174,8 @@ class PatchGroups(nn.Module):
 class ConvFlowConfig:
     """Everything needed to rebuild a :class:`ConvFlow` (plain types: saved next to the state).
     ``channels``: per group; ``in_channels``: per input level; ``groups``: input positions per group
-    (files written before groups: one group per input, no local average)."""
+    (files written before groups: one group per input, no local average). ``merge_mode``: how a group of
+    several levels is modelled (:mod:`defectflow.density.conv_groups`)."""
 
     channels: tuple[int, ...]
     n_blocks: int = 8
@@ -216,6 +188,8 @@ class ConvFlowConfig:
     in_channels: Optional[tuple[int, ...]] = None
     groups: Optional[tuple[tuple[int, ...], ...]] = None
     local_average: int = 1
+    merge_mode: str = "concat"        # groups of several levels: concat | context (conv_groups.py)
+    context_channels: int = 64
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -245,35 +219,55 @@ class ConvFlowConfig:
 
 
 class ConvFlow(nn.Module):
-    """:class:`PatchGroups` then one :class:`LevelFlow` per group. ``forward(level maps) -> [log p map
-    (N, h, w)] per group`` (nats per position, every term): the ONNX-exportable scorer. ``channels`` are
-    the groups' (equal to the inputs' when every group is one level)."""
+    """:class:`~defectflow.density.conv_groups.PatchGroups` (the local average), then one model per group
+    (:mod:`defectflow.density.conv_groups`). ``forward(level maps) -> [log p map (N, h, w)] per group``
+    (nats per position, every term, on the group's finest grid): the ONNX-exportable scorer.
+    ``channels`` are the groups' (every channel of their levels)."""
 
     def __init__(self, channels: Sequence[int], n_blocks: int = 8, hidden_ratio: float = 1.0,
                  clamp: float = 2.0, seed: int = 0, kernels: Sequence[int] = (3, 1), subnet: str = "dense",
                  clamp_kind: str = "atan", in_channels: Sequence[int] | None = None,
-                 groups: Sequence[Sequence[int]] | None = None, local_average: int = 1):
+                 groups: Sequence[Sequence[int]] | None = None, local_average: int = 1,
+                 merge_mode: str = "concat", context_channels: int = 64):
         super().__init__()
+        from defectflow.density.conv_groups import MERGE_MODES, ConcatGroup, ContextGroup, PatchGroups
+
         if not channels:
             raise ValueError("ConvFlow: channels must name at least one feature level")
         if n_blocks < 1:
             raise ValueError(f"ConvFlow: n_blocks must be >= 1, got {n_blocks}")
         if not hidden_ratio > 0:
             raise ValueError(f"ConvFlow: hidden_ratio must be > 0, got {hidden_ratio}")
+        if merge_mode not in MERGE_MODES:
+            raise ValueError(f"ConvFlow: merge_mode must be one of {MERGE_MODES}, got {merge_mode!r}")
         self.config = ConvFlowConfig(tuple(int(c) for c in channels), int(n_blocks), float(hidden_ratio),
                                      tuple(int(k) for k in kernels), float(clamp), int(seed), str(subnet),
                                      str(clamp_kind), None if in_channels is None else tuple(int(c) for c in in_channels),
                                      None if groups is None else tuple(tuple(int(i) for i in g) for g in groups),
-                                     int(local_average))
+                                     int(local_average), str(merge_mode), int(context_channels))
         cfg = self.config
         if len(cfg.group_inputs) != len(cfg.channels) or any(
                 sum(cfg.inputs[i] for i in g) != c for g, c in zip(cfg.group_inputs, cfg.channels)):
             raise ValueError(f"ConvFlow: groups {cfg.group_inputs} of inputs {cfg.inputs} do not give "
                              f"channels {cfg.channels}")
+        if merge_mode == "context" and any(len(g) > 2 for g in cfg.group_inputs):
+            raise ValueError("ConvFlow: merge_mode context takes groups of at most two levels (fine, coarse)")
         self.prepare = PatchGroups(cfg.group_inputs, cfg.local_average)
-        self.levels = nn.ModuleList(
-            LevelFlow(c, n_blocks, max(2, int(round(hidden_ratio * c))), self.config.kernels, clamp, seed * 100 + i,
-                      subnet, clamp_kind) for i, c in enumerate(self.config.channels))
+
+        def flow(c: int, k: int, cond: int = 0) -> LevelFlow:
+            return (ConcatGroup if not cond else LevelFlow)(
+                c, n_blocks, max(2, int(round(hidden_ratio * c))), cfg.kernels, clamp, seed * 100 + k, subnet,
+                clamp_kind, cond)
+
+        models = []
+        for k, (g, c) in enumerate(zip(cfg.group_inputs, cfg.channels)):
+            if merge_mode == "context" and len(g) == 2:
+                fine, coarse = (cfg.inputs[i] for i in g)
+                models.append(ContextGroup(flow(fine, k, cfg.context_channels), flow(coarse, 50 + k),
+                                           cfg.context_channels))
+            else:
+                models.append(flow(c, k))
+        self.levels = nn.ModuleList(models)
 
     @classmethod
     def for_inputs(cls, in_channels: Sequence[int], groups: Sequence[Sequence[int]] | None = None,
@@ -287,7 +281,8 @@ class ConvFlow(nn.Module):
     def from_config(cls, cfg: ConvFlowConfig | dict) -> "ConvFlow":
         cfg = cfg if isinstance(cfg, ConvFlowConfig) else ConvFlowConfig.from_dict(cfg)
         return cls(cfg.channels, cfg.n_blocks, cfg.hidden_ratio, cfg.clamp, cfg.seed, cfg.kernels, cfg.subnet,
-                   cfg.clamp_kind, cfg.in_channels, cfg.groups, cfg.local_average)
+                   cfg.clamp_kind, cfg.in_channels, cfg.groups, cfg.local_average, cfg.merge_mode,
+                   cfg.context_channels)
 
     @property
     def channels(self) -> tuple[int, ...]:
@@ -301,17 +296,18 @@ class ConvFlow(nn.Module):
             if m.dim() != 4 or m.shape[1] != c:
                 raise ValueError(f"ConvFlow: level {i} expects (N, {c}, h, w), got {tuple(m.shape)}")
 
+    def fit_stats(self, prepared: Sequence[Sequence[Tensor]]) -> None:
+        """Set every group's standardisation from its prepared training maps (:meth:`prepare`)."""
+        for group, parts in zip(self.levels, prepared):
+            group.fit_stats(parts)
+
     def set_stats(self, means: Sequence, stds: Sequence) -> None:
-        """Per-channel mean / std of each *group's* prepared maps (see :meth:`prepare`)."""
+        """Per-channel mean / std of each group's (concatenated) input."""
         for level, m, s in zip(self.levels, means, stds):
             level.blocks[0].set_stats(m, s)
 
     def forward(self, maps: Sequence[Tensor]) -> list[Tensor]:
-        return [level.log_likelihood_map(x) for level, x in zip(self.levels, self.prepare(maps))]
-
-    def group_log_likelihood(self, prepared: Sequence[Tensor]) -> list[Tensor]:
-        """log p maps of already prepared group maps (training runs :meth:`prepare` once)."""
-        return [level.log_likelihood_map(x) for level, x in zip(self.levels, prepared)]
+        return [group.group_log_likelihood(parts) for group, parts in zip(self.levels, self.prepare(maps))]
 
     def log_likelihood_maps(self, maps: Sequence[Tensor | np.ndarray], batch_size: int = 32) -> list[Tensor]:
         """log p per position per group, ``[(N, h_g, w_g)]`` (nats, every term), in eval mode, no grad."""
@@ -333,7 +329,7 @@ class ConvFlow(nn.Module):
         return [-ll / c for ll, c in zip(self.log_likelihood_maps(maps, batch_size), self.channels)]
 
     def inverse(self, zs: Sequence[Tensor]) -> list[Tensor]:
-        """Latent maps -> the groups' prepared maps (the preparation itself is not inverted)."""
+        """Latent maps -> the groups' (concatenated) prepared maps; concat groups only."""
         return [level(z, rev=True)[0] for level, z in zip(self.levels, zs)]
 
     # ---------------------------------------------------------------- persistence

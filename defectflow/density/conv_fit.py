@@ -49,6 +49,8 @@ class ConvFitConfig:
     threads: int = 2
     groups: Optional[tuple[tuple[int, ...], ...]] = None   # input positions per group; None: one per input
     local_average: int = 1
+    merge_mode: str = "concat"    # a group of several levels: concat | context (density/conv_groups.py)
+    context_channels: int = 64
     temper: float = 0.0           # beta of the p^-beta position weights (0: plain maximum likelihood)
 
 
@@ -88,10 +90,11 @@ def _as_maps(maps, what: str) -> list[Tensor]:
     return out
 
 
-def _prepared(model: ConvFlow, maps: Sequence[Tensor], batch: int = 64) -> list[Tensor]:
+def _prepared(model: ConvFlow, maps: Sequence[Tensor], batch: int = 64) -> list[list[Tensor]]:
+    """Per group, its levels' maps after the local average (computed once for the whole fit)."""
     with torch.no_grad():
-        parts = [model.prepare([m[i:i + batch] for m in maps]) for i in range(0, len(maps[0]), batch)]
-    return [torch.cat([p[k] for p in parts]) for k in range(len(parts[0]))]
+        chunks = [model.prepare([m[i:i + batch] for m in maps]) for i in range(0, len(maps[0]), batch)]
+    return [[torch.cat([c[g][j] for c in chunks]) for j in range(len(chunks[0][g]))] for g in range(len(chunks[0]))]
 
 
 def tempered_loss(nll: Tensor, beta: float) -> Tensor:
@@ -126,11 +129,11 @@ def fit_conv_flow(train_maps: Sequence[np.ndarray], val_maps: Optional[Sequence[
         gen = torch.Generator().manual_seed(cfg.seed)
         model = ConvFlow.for_inputs([m.shape[1] for m in xs], cfg.groups, cfg.local_average, n_blocks=cfg.n_blocks,
                                     hidden_ratio=cfg.hidden_ratio, clamp=cfg.clamp, seed=cfg.seed,
-                                    kernels=cfg.kernels, subnet=cfg.subnet, clamp_kind=cfg.clamp_kind)
+                                    kernels=cfg.kernels, subnet=cfg.subnet, clamp_kind=cfg.clamp_kind,
+                                    merge_mode=cfg.merge_mode, context_channels=cfg.context_channels)
         gs = _prepared(model, xs)
         gv = _prepared(model, xv) if xv is not None else None
-        stats = [channel_stats(m.numpy()) for m in gs]
-        model.set_stats([s[0] for s in stats], [s[1] for s in stats])
+        model.fit_stats(gs)
         opts = [torch.optim.Adam(lv.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for lv in model.levels]
         n_g = len(gs)
         result = ConvFitResult(model, best_epoch=[cfg.epochs] * n_g)
@@ -141,7 +144,7 @@ def fit_conv_flow(train_maps: Sequence[np.ndarray], val_maps: Optional[Sequence[
         if progress:
             from tqdm import tqdm
             epochs = tqdm(epochs, desc="conv density", unit="epoch", leave=False)
-        n = len(gs[0])
+        n = len(gs[0][0])
         for epoch in epochs:
             beta = cfg.temper * min(1.0, (epoch - 1) / ramp)
             model.train()
@@ -150,7 +153,7 @@ def fit_conv_flow(train_maps: Sequence[np.ndarray], val_maps: Optional[Sequence[
             for i in range(0, n, cfg.batch_size):
                 idx = order[i:i + cfg.batch_size]
                 for k, (level, opt) in enumerate(zip(model.levels, opts)):
-                    nll = -level.log_likelihood_map(gs[k][idx]) / level.channels
+                    nll = -level.group_log_likelihood([t[idx] for t in gs[k]]) / level.channels
                     loss = tempered_loss(nll, beta * level.channels)
                     if not torch.isfinite(loss):
                         raise ConvFitError(f"training diverged at epoch {epoch}, group {k} (loss {loss.item()}); "
@@ -164,7 +167,7 @@ def fit_conv_flow(train_maps: Sequence[np.ndarray], val_maps: Optional[Sequence[
             if gv is not None:
                 model.eval()
                 with torch.no_grad():
-                    val = [float(tempered_loss(-level.log_likelihood_map(x) / level.channels, cfg.temper * level.channels))
+                    val = [float(tempered_loss(-level.group_log_likelihood(x) / level.channels, cfg.temper * level.channels))
                            for level, x in zip(model.levels, gv)]
                 for k in range(n_g):
                     if (cfg.temper == 0 or epoch > ramp) and val[k] < best[k]:   # tempered: comparable at full beta
