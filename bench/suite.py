@@ -188,9 +188,11 @@ def run_dataset(name: str, folder: Path, params_file: str, overrides: dict, work
            "n_test": m["n_test"], "image_auroc": m["image_auroc"], "score_from": m["score_from"],
            "heads": {h: v["image_auroc"] for h, v in (m.get("heads") or {}).items()},
            "pixel_auroc": m.get("pixel_auroc"),
-           "fpr": {"target": fa["target"], "expected": fa["expected"], "val": fa["val"]["rate"],
+           "fpr": {"target": fa["target"], "expected": fa["expected"], "promised_range95": fa["promised_range95"],
+                   "val": fa["val"]["rate"],
                    "n_val": fa["val"]["n"], "test": fa["test"]["rate"], "test_ci95": fa["test"]["ci95"],
                    "n_test_good": fa["test"]["n"], "test_holds_target": fa["test_holds_target"],
+                   "test_at_most_target": fa["test_at_most_target"],
                    "shift": bool(fa["shift"]["shifted"]) if fa["shift"] else None,
                    "shift_p": (min(fa["shift"]["p_mannwhitney"], fa["shift"]["p_ks"]) if fa["shift"] else None)},
            "train_s": round(train_s, 1)}
