@@ -105,6 +105,12 @@ def backbone_outputs(net, paths: list[str], size: int, chunk: int = 64):
     return np.concatenate(maps0), np.concatenate(maps1), np.concatenate(pooled)
 
 
+def model_size(model_dir: Path) -> int:
+    """The input size the model was trained at (``train.image_size`` resolved, e.g. from ``auto``)."""
+    heads = load_heads(model_dir)
+    return heads.conv.image_size if heads.conv is not None else int(heads.image.features["image_size"])
+
+
 def run_baselines(params, items, work: Path) -> dict:
     """``gauss`` and ``knn`` image AUROC (and the kNN's pixel AUROC) on the model's backbone graph."""
     from defectflow.anomaly_maps import load_mask, pixel_auroc
@@ -113,7 +119,7 @@ def run_baselines(params, items, work: Path) -> dict:
     from sklearn.metrics import roc_auc_score
 
     tp = params.train
-    size = tp.image_size
+    size = model_size(work / "model")
     net = OnnxBackbone(tp.backbone, size, pretrained=tp.pretrained, weights=tp.weights, threads=tp.threads,
                        input_norm=tp.input_norm)
     tr = items[(items["split"] == "train") & (items["label"] == "good")]
@@ -149,10 +155,11 @@ def speed(params, items, model_dir: Path, n: int = 64) -> dict:
     from defectflow.features import prepare
 
     heads = load_heads(model_dir)
+    size = model_size(model_dir)
     paths = select_rows(items, "test")["image_path"].tolist()[:n]
-    images = _decode(paths, params.train.image_size)
+    images = _decode(paths, size)
     net = (heads.image.extractor(params).nets[0] if heads.image is not None else heads.conv.extractor(params).net)
-    x = prepare(images, 1, params.train.image_size, (1.0,))[0]
+    x = prepare(images, 1, size, (1.0,))[0]
     heads.score_images(images[:4], params)                       # warm up every session
     fns = {"score": lambda: heads.score_images(images, params),
            "backbone": lambda: [net.outputs(x[i:i + 32], ["pooled"], 32) for i in range(0, len(x), 32)]}
@@ -184,7 +191,8 @@ def run_dataset(name: str, folder: Path, params_file: str, overrides: dict, work
     m = json.loads((work / "reports" / "metrics.json").read_text())
     fa = m["false_alarms"]
     out = {"dataset": name, "folder": str(folder), "backbone": params.train.backbone,
-           "image_size": params.train.image_size, "n_train": int(((items.split == "train")).sum()),
+           "image_size": model_size(work / "model"), "image_size_param": params.train.image_size,
+           "n_train": int(((items.split == "train")).sum()),
            "n_test": m["n_test"], "image_auroc": m["image_auroc"], "score_from": m["score_from"],
            "heads": {h: v["image_auroc"] for h, v in (m.get("heads") or {}).items()},
            "pixel_auroc": m.get("pixel_auroc"),

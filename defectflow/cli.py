@@ -80,8 +80,10 @@ def _export(args) -> int:
     model_dir = Path(args.model or layout.MODELS / "model")
     out = Path(args.out or model_dir.parent / "model.onnx")
     export_model(model_dir, out, params)
-    print(f"wrote {out}: input 'image' float32 (N, 3, {params.train.image_size}, {params.train.image_size}) "
-          f"RGB in [0, 1] -> output 'score' (N,) and each head's score (and 'anomaly_map' with a conv head)")
+    import onnx
+    dims = [d.dim_value or d.dim_param for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
+    print(f"wrote {out}: input 'image' float32 {tuple(dims)} (N, S, S, 3) RGB in [0, 1] -> output 'score' (N,) "
+          f"and each head's score (and 'anomaly_map' with a conv head)")
     return 0
 
 

@@ -253,7 +253,9 @@ class TrainParams(_Strict):
     input_norm: Literal["percentile", "none"] = Field("percentile", description=(
         "per-image brightness / contrast normalisation before the backbone: the 1st-99th luminance percentiles "
         "mapped to 0.1-0.9 (illumination drift between sessions, parts of varying darkness); none: as captured"))
-    image_size: int = Field(224, ge=32, le=1024)
+    image_size: Union[int, Literal["auto"]] = Field(224, description=(
+        "square backbone input, px (32-1024); auto: follows the data, the median short side of the training "
+        "images rounded down to a multiple of 32, within 224-448 (small defects of large images stay visible)"))
     scales: tuple[float, ...] = Field((1.0,), min_length=1, max_length=4, description=(
         "image scales whose pooled features feed the density model; each gives the backbone's "
         "3 pyramid levels (strides 8/16/32)"))
@@ -283,6 +285,13 @@ class TrainParams(_Strict):
     feature_cache: bool = Field(True, description="cache backbone features per image under .cache/defectflow/features")
     on_bad_image: Literal["error", "skip"] = Field("error", description=(
         "unreadable / truncated image: stop with its path, or skip it and list it in the card / log"))
+
+    @field_validator("image_size")
+    @classmethod
+    def _size_ok(cls, v):
+        if v != "auto" and not 32 <= int(v) <= 1024:
+            raise ValueError("image_size must be auto or 32-1024 px")
+        return v
 
     @model_validator(mode="after")
     def _scales_ok(self):

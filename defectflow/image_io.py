@@ -84,3 +84,27 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     if conv:
         log.debug("%s: converted %s image to 8-bit-range RGB", path, conv)
     return img
+
+
+AUTO_SIZE_RANGE = (224, 448)      # train.image_size auto stays within these (backbone cost grows with the square)
+
+
+def image_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` of an image file, from a reduced decode where the format allows (JPEG, PNG)."""
+    data = read_bytes(path)
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ImageReadError(f"{path}: not a readable image (corrupt, truncated or unknown format)")
+    return int(img.shape[0]), int(img.shape[1])
+
+
+def auto_image_size(paths, sample: int = 48) -> int:
+    """``train.image_size: auto``: the median short side of (a spread sample of) ``paths``, rounded down to a
+    multiple of 32 and kept within :data:`AUTO_SIZE_RANGE`."""
+    paths = list(paths)
+    if not paths:
+        raise ValueError("no images to choose an input size from")
+    step = max(1, len(paths) // sample)
+    short = float(np.median([min(image_shape(p)) for p in paths[::step][:sample]]))
+    lo, hi = AUTO_SIZE_RANGE
+    return int(min(hi, max(lo, 32 * int(short // 32))))

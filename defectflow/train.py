@@ -127,6 +127,12 @@ def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
     if train_df.empty:
         raise TrainError(f"{src}: no good training images (rows with split=train and label=good); "
                          "check the source's splits and labels")
+    if tp.image_size == "auto":
+        from defectflow.image_io import auto_image_size
+        size = auto_image_size(train_df["image_path"])
+        log.info("train.image_size auto: %d px (median short side of the training images)", size)
+        tp = tp.model_copy(update={"image_size": size})
+        params = params.model_copy(update={"train": tp})
     fused = len(tp.heads) == 2          # fusion.json is written whenever both heads are: score_from may change later
     sel_df, std_df, cal_df = split_validation(val_df, params.seed, tp.select_fraction, tp.selection, str(src),
                                               tp.standardise_fraction if fused else 0.0)

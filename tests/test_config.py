@@ -55,3 +55,22 @@ def test_missing_and_malformed_files(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ParamsError, match="mapping"):
         load_params(listy)
+
+
+def test_image_size_auto_follows_the_data(tmp_path):
+    import cv2
+    import numpy as np
+    from defectflow.config import params_from_dict
+    from defectflow.image_io import auto_image_size
+
+    assert params_from_dict({"train": {"image_size": "auto"}}).train.image_size == "auto"
+    with pytest.raises(ParamsError, match="image_size"):
+        params_from_dict({"train": {"image_size": 16}})
+    paths = []
+    for i, (h, w) in enumerate([(300, 500), (330, 400), (350, 360), (900, 900), (100, 700)]):
+        p = tmp_path / f"{i}.png"
+        cv2.imwrite(str(p), np.zeros((h, w), np.uint8))
+        paths.append(p)
+    assert auto_image_size(paths) == 320                  # median short side 330 -> 320
+    assert auto_image_size(paths[3:4]) == 448             # capped
+    assert auto_image_size(paths[4:]) == 224              # floored

@@ -406,3 +406,14 @@ def test_export_cli(pipeline, tmp_path, capsys):
     assert main(["export", "--model", str(root / "model"), "--out", str(tmp_path / "m.onnx"),
                  "--params", str(tmp_path / "p.yaml")]) == 0
     assert (tmp_path / "m.onnx").stat().st_size > 1e6 and "score" in capsys.readouterr().out
+
+
+def test_train_image_size_auto_is_resolved_and_recorded_with_the_model(tmp_path):
+    inp, df = make_dataset(tmp_path, n_train=8, n_val=5, n_test_good=2, n_test_defect=0)
+    params = params_from_dict({"seed": 3, "train": {**TRAIN, "image_size": "auto", "head": "image", "epochs": 2,
+                                                    "scales": [1.0], "n_transforms": 1, "n_transforms_test": 1}})
+    train.run(params, inp, tmp_path / "model")
+    card = json.loads((tmp_path / "model" / "card.json").read_text())
+    assert card["features"]["image_size"] == 224           # 80 px images: the floor of auto
+    got = score_items(df[df.split == "test"], tmp_path / "model", params)
+    assert len(got) == 2 and got["score"].notna().all()
