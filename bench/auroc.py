@@ -44,12 +44,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from defectflow import evaluate, threshold, train  # noqa: E402
 from defectflow.config import load_params_with, parse_sets  # noqa: E402
-from defectflow.manifest import SYNTH, write_manifest  # noqa: E402
 from defectflow.scoring import HEAD_FILE, MODEL_FILE, load_heads, select_rows  # noqa: E402
-from defectflow.sources.images import load_items  # noqa: E402
+from suite import model_size, run_model_stages  # noqa: E402
 
 
 def _rate(n: int, fn, repeat: int = 1) -> float:
@@ -97,17 +96,9 @@ def main() -> None:
         (work / "cache").mkdir(parents=True, exist_ok=True)
         if not (work / "cache" / "onnx").exists():
             os.symlink(onnx_src.resolve(), work / "cache" / "onnx")
-    items = load_items(params)
-    items["is_center"] = True
-    items["synthetic"] = False
-    inp = work / "synth"
-    write_manifest(items, SYNTH, inp / "manifest.parquet")
-
-    t0 = time.perf_counter()
-    train.run(params, inp, work / "model")
-    train_s = time.perf_counter() - t0
-    threshold.run(params, inp, work / "model", work / "threshold.json", work / "val_scores.parquet")
-    evaluate.run(params, inp, work / "model", work / "threshold.json", work / "reports")
+    items, train_s = run_model_stages(params, work)
+    tp = tp.model_copy(update={"image_size": model_size(work / "model")})     # train.image_size auto: resolved
+    params = params.model_copy(update={"train": tp})
 
     # ---------------------------------------------------------------- speed, one run
     import onnxruntime  # noqa: F401
@@ -147,7 +138,8 @@ def main() -> None:
                        "backbone_same": lambda: fx.features_of_inputs(inputs)})
     score_rate, image_rate, bb_rate, bb_same_rate = (rates[k] for k in ("score", "image", "backbone", "backbone_same"))
     torch.set_num_threads(tp.threads)
-    tnet = backbone_graph(tp.backbone, tp.image_size, pretrained=tp.pretrained, weights=tp.weights)  # the exported graph
+    tnet = backbone_graph(tp.backbone, tp.image_size, pretrained=tp.pretrained, weights=tp.weights,
+                          input_norm=tp.input_norm)                                  # the exported graph
     xt = torch.from_numpy(x224)
     with torch.no_grad():
         tnet(xt[:2])

@@ -174,9 +174,9 @@ def speed(params, items, model_dir: Path, n: int = 64) -> dict:
             "score_vs_backbone": round(best["backbone"] / best["score"], 3)}
 
 
-def run_dataset(name: str, folder: Path, params_file: str, overrides: dict, work: Path,
-                baselines: bool = True) -> dict:
-    params = load_params_with(params_file, {**overrides, "source.kind": "images", "source.path": str(folder)})
+def run_model_stages(params, work: Path):
+    """train -> threshold -> evaluate on the ``images`` source of ``params`` through the library stages, under
+    ``work`` (``synth/``, ``model/``, ``threshold.json``, ``reports/``): (the items, train seconds)."""
     work.mkdir(parents=True, exist_ok=True)
     items = load_items(params)
     items["is_center"] = True
@@ -188,6 +188,13 @@ def run_dataset(name: str, folder: Path, params_file: str, overrides: dict, work
     train_s = time.perf_counter() - t0
     threshold.run(params, inp, work / "model", work / "threshold.json", work / "val_scores.parquet")
     evaluate.run(params, inp, work / "model", work / "threshold.json", work / "reports")
+    return items, train_s
+
+
+def run_dataset(name: str, folder: Path, params_file: str, overrides: dict, work: Path,
+                baselines: bool = True) -> dict:
+    params = load_params_with(params_file, {**overrides, "source.kind": "images", "source.path": str(folder)})
+    items, train_s = run_model_stages(params, work)
     m = json.loads((work / "reports" / "metrics.json").read_text())
     fa = m["false_alarms"]
     out = {"dataset": name, "folder": str(folder), "backbone": params.train.backbone,

@@ -196,15 +196,11 @@ def _render_video(run: Run, camera: str, seed: int, path: Path, sil_dir: Path) -
     rng = np.random.default_rng([seed, 303, run.index, cam_idx])
     bg = _background(rng)
     light = float(rng.uniform(-0.6, 0.6))
-    noise = rng.normal(0, rng.uniform(2.5, 4.0), (HEIGHT + 32, WIDTH + 32, 3)).astype(np.int16)
-    offsets = rng.integers(0, 32, (run.n_frames, 2))
+    write = NoisyWriter(path, rng, run.n_frames)
     sprites = [render_sprite(p, camera, light) for p in run.products]
     active, centres = _schedule(run, camera, [alpha.shape[1] for _, alpha in sprites])
     boxes = []
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (WIDTH, HEIGHT))
-    if not writer.isOpened():
-        raise OSError(f"{path}: OpenCV cannot open an MJPG video writer")
-    try:
+    with write:
         for t in range(run.n_frames):
             frame = bg.copy()
             k = int(active[t])
@@ -219,11 +215,32 @@ def _render_video(run: Run, camera: str, seed: int, path: Path, sil_dir: Path) -
                     boxes.append((run.name, camera, k, t, *box, t == centres[k]))
                 if t == centres[k]:
                     write_image(sil_dir / f"{run.name}_{camera}_{k:03d}.png", _silhouette(alpha, x0, y0))
-            oy, ox = offsets[t]
-            writer.write(cv2.add(frame, noise[oy:oy + HEIGHT, ox:ox + WIDTH], dtype=cv2.CV_8U))
-    finally:
-        writer.release()
+            write(t, frame)
     return boxes
+
+
+class NoisyWriter:
+    """An MJPG video of ``WIDTH x HEIGHT`` frames with the camera's sensor noise added to each (a seeded
+    noise field, shifted per frame); ``with w: w(t, frame)``. The noise is drawn from ``rng`` here."""
+
+    def __init__(self, path: Path, rng: np.random.Generator, n_frames: int):
+        self.path = path
+        self.noise = rng.normal(0, rng.uniform(2.5, 4.0), (HEIGHT + 32, WIDTH + 32, 3)).astype(np.int16)
+        self.offsets = rng.integers(0, 32, (n_frames, 2))
+        self.writer = None
+
+    def __enter__(self):
+        self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (WIDTH, HEIGHT))
+        if not self.writer.isOpened():
+            raise OSError(f"{self.path}: OpenCV cannot open an MJPG video writer")
+        return self
+
+    def __call__(self, t: int, frame: np.ndarray) -> None:
+        oy, ox = self.offsets[t]
+        self.writer.write(cv2.add(frame, self.noise[oy:oy + HEIGHT, ox:ox + WIDTH], dtype=cv2.CV_8U))
+
+    def __exit__(self, *exc) -> None:
+        self.writer.release()
 
 
 def _clip_box(alpha: np.ndarray, x0: int, y0: int) -> tuple[int, int, int, int] | None:

@@ -31,6 +31,7 @@ import pandas as pd
 from defectflow.errors import DefectflowError
 from defectflow.fsutil import atomic_dir, write_image
 from defectflow.sources.demo import (DEFECT_SHARE, DEFECT_TYPES, FPS, HEIGHT, WIDTH, _background, _clip_box,
+                                     NoisyWriter,
                                      _paste, _plan_products, _silhouette, _smooth_noise)
 from defectflow.sources.demo_render import Product, render_sprite
 from defectflow.sources.videos import DEFAULT_LANE
@@ -220,15 +221,11 @@ def _render_run(run: _StreamRun, seed: int, path: Path, sil_dir: Path) -> list[t
     rng = np.random.default_rng([seed, 505, run.index])
     bg = _lanes_background(rng) if run.scene == "lanes" else _background(rng)
     light = float(rng.uniform(-0.6, 0.6))
-    noise = rng.normal(0, rng.uniform(2.5, 4.0), (HEIGHT + 32, WIDTH + 32, 3)).astype(np.int16)
-    offsets = rng.integers(0, 32, (run.n_frames, 2))
+    write = NoisyWriter(path, rng, run.n_frames)
     cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
     centres = {(ln.name, k): _crossing_frame(ln, k, run.n_frames) for ln in run.lanes for k in range(len(ln.products))}
     boxes = []
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (WIDTH, HEIGHT))
-    if not writer.isOpened():
-        raise OSError(f"{path}: OpenCV cannot open an MJPG video writer")
-    try:
+    with write:
         for t in range(run.n_frames):
             frame = bg.copy()
             for ln in run.lanes:
@@ -251,10 +248,7 @@ def _render_run(run: _StreamRun, seed: int, path: Path, sil_dir: Path) -> list[t
                     if centre:
                         write_image(sil_dir / f"{run.name}_{run.camera}_{ln.name}_{k:03d}.png",
                                     _silhouette(alpha, x0, y0))
-            oy, ox = offsets[t]
-            writer.write(cv2.add(frame, noise[oy:oy + HEIGHT, ox:ox + WIDTH], dtype=cv2.CV_8U))
-    finally:
-        writer.release()
+            write(t, frame)
     return boxes
 
 
