@@ -253,7 +253,7 @@ class TrainParams(_Strict):
     input_norm: Literal["percentile", "none"] = Field("percentile", description=(
         "per-image brightness / contrast normalisation before the backbone: the 1st-99th luminance percentiles "
         "mapped to 0.1-0.9 (illumination drift between sessions, parts of varying darkness); none: as captured"))
-    image_size: Union[int, Literal["auto"]] = Field(224, description=(
+    image_size: Union[int, Literal["auto"]] = Field("auto", description=(
         "square backbone input, px (32-1024); auto: follows the data, the median short side of the training "
         "images rounded down to a multiple of 32, within 224-448 (small defects of large images stay visible)"))
     scales: tuple[float, ...] = Field((1.0,), min_length=1, max_length=4, description=(
