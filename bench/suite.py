@@ -248,6 +248,23 @@ def summary(lines: list[dict]) -> dict:
     return out
 
 
+def markdown(lines: list[dict]) -> str:
+    """The suite's lines as a markdown table (default score vs the baselines, pixel AUROC, false alarms)."""
+    head = ("| dataset | px | default | image head | conv head | gauss | knn | vs best | pixel (knn) | "
+            "FPR target / val / test [95% CI] | ms/img | x backbone |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    for r in lines:
+        fp = r["fpr"]
+        ci = fp["test_ci95"] or [None, None]
+        rows.append(f"| {r['dataset']} | {r['image_size']} | {f(r['image_auroc'])} | {f(r['heads'].get('image'))} | "
+                    f"{f(r['heads'].get('conv'))} | {f(r.get('gauss'))} | {f(r.get('knn'))} | "
+                    f"{r.get('vs_best_baseline', 0):+.3f} | {f(r['pixel_auroc'])} ({f(r.get('knn_pixel_auroc'))}) | "
+                    f"{fp['target']:g} / {f(fp['val'])} / {f(fp['test'])} [{f(ci[0])}, {f(ci[1])}] | "
+                    f"{r['ms_per_image']:.1f} | {r['score_vs_backbone']:.2f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated names (default: all)")
@@ -260,8 +277,14 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="AUROC and images/s per --backbones x --sizes")
     ap.add_argument("--backbones", default="efficientnet_lite0")
     ap.add_argument("--sizes", default="224")
+    ap.add_argument("--markdown", action="store_true", help="also print the lines as a markdown table (stderr)")
+    ap.add_argument("--from-jsonl", help="only print the markdown table of an earlier run's output")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
+    if args.from_jsonl:
+        print(markdown([r for r in map(json.loads, Path(args.from_jsonl).read_text().splitlines())
+                        if not r.get("summary")]))
+        return
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     work = Path(args.work or tempfile.mkdtemp(prefix="defectflow-suite-"))
@@ -291,6 +314,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     if not args.table:
         print(json.dumps(summary(lines)), flush=True)
+    if args.markdown:
+        print(markdown(lines), file=sys.stderr)
 
 
 if __name__ == "__main__":
