@@ -126,6 +126,14 @@ def ort_session(path: str | os.PathLike, threads: int = 2, *, blocked_layout: bo
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+BATCH_PIXELS = 32 * 224 * 224   # pixels of one network batch: 32 images at 224 px, 8 at 448 (about 0.3 GB of activations)
+
+
+def network_batch(batch_size: int, pixels_per_image: int) -> int:
+    """At most ``batch_size`` images, and at most BATCH_PIXELS pixels, per network batch (at least one)."""
+    return max(1, min(int(batch_size), BATCH_PIXELS // max(1, int(pixels_per_image))))
+
+
 class OnnxBackbone:
     """An ONNX Runtime session of one backbone at one input size: ``run(x) -> list of maps``."""
 
@@ -159,7 +167,9 @@ class OnnxBackbone:
 
     def outputs(self, x: np.ndarray, names: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:
         """The named outputs (``map0..``, ``pooled``) of one pass over ``x``, in network batches of
-        ``batch_size`` (bounds ONNX Runtime's activation memory)."""
+        ``batch_size`` images, fewer for inputs over 224 px (:func:`network_batch`: ONNX Runtime's
+        activation memory grows with the pixels of a batch)."""
+        batch_size = network_batch(batch_size, x.shape[1] * x.shape[2])
         parts = [self.session.run(list(names), {"image": np.ascontiguousarray(x[i:i + batch_size], np.float32)})
                  for i in range(0, len(x), batch_size)]
         return [np.concatenate([p[k] for p in parts]) for k in range(len(names))]

@@ -289,3 +289,22 @@ def test_resnet18_from_a_weights_file(tmp_path):
     np.testing.assert_allclose(feats[0], want, rtol=1e-3, atol=1e-4)
     with pytest.raises(bb.BackboneError, match=f"{path}: weights do not fit backbone 'wide_resnet50_2'"):
         bb.build_backbone("wide_resnet50_2", weights=path, image_size=64)
+
+
+def test_network_batches_hold_a_pixel_budget_and_give_the_same_outputs(cache, monkeypatch):
+    """Large inputs go through the network in fewer images per batch; the outputs do not change."""
+    from defectflow import onnx_backbone as ob
+    assert ob.network_batch(32, 224 * 224) == 32
+    assert ob.network_batch(32, 448 * 448) == 8
+    assert ob.network_batch(4, 448 * 448) == 4
+    assert ob.network_batch(32, 10_000 * 10_000) == 1
+    fx = FeatureExtractor("efficientnet_lite0", image_size=64, threads=1, cache=cache)
+    x = np.random.default_rng(1).random((5, 64, 64, 3), dtype=np.float32)
+    whole = fx.nets[0].outputs(x, ["pooled"], 32)[0]
+    calls = []
+    run = fx.nets[0].session.run
+    fx.nets[0].session.run = lambda names, feed: calls.append(len(feed["image"])) or run(names, feed)
+    monkeypatch.setattr(ob, "BATCH_PIXELS", 2 * 64 * 64)
+    split = fx.nets[0].outputs(x, ["pooled"], 32)[0]
+    assert calls == [2, 2, 1]
+    np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-6)
