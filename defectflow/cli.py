@@ -5,6 +5,7 @@
     defectflow summary                                where the report and metrics are
     defectflow export [--model DIR] [--out model.onnx] one ONNX model: image tensor in, scores (+ map) out
     defectflow stage frames --params P --inp SRC --out DIR   one vision stage, no DVC/Prefect
+    defectflow ingest | gate | nightly | models list|promote|rollback   operations (cli_ops.py)
 """
 from __future__ import annotations
 
@@ -76,9 +77,15 @@ def _stage(args) -> int:
 def _export(args) -> int:
     from defectflow.export import export_model
 
+    from defectflow.registry.store import champion_or_default
+
     params = load_params(args.params)
-    model_dir = Path(args.model or layout.MODELS / "model")
-    out = Path(args.out or model_dir.parent / "model.onnx")
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        model_dir = champion_or_default(params, layout.STAGE_DIRS["train"], layout.THRESHOLD_FILE,
+                                        logging.getLogger("defectflow.export"))[0]
+    out = Path(args.out or layout.MODELS / "model.onnx")
     export_model(model_dir, out, params)
     import onnx
     dims = [d.dim_value or d.dim_param for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
@@ -111,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.set_defaults(fn=_stage)
     p = sub.add_parser("export", help="write one ONNX model (backbone + heads): image in, scores and anomaly map out")
-    p.add_argument("--model", help="trained model folder (default: models/model)")
+    p.add_argument("--model", help="trained model folder (default: the registry's champion, else models/model)")
     p.add_argument("--out", help="output .onnx file (default: models/model.onnx)")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(fn=_export)
+    from defectflow.cli_ops import add_parsers
+    add_parsers(sub)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

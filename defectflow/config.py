@@ -352,6 +352,8 @@ class MapsParams(_Strict):
 class NightlyParams(_Strict):
     cron: str = Field("0 2 * * *", description="when the nightly retrain runs (cron, server time zone)")
     timezone: str = "UTC"
+    lock: str = Field(".nightly.lock", description="run lock file: a second nightly run exits at once")
+    work_pool: str = Field("defectflow", description="Prefect work pool of the nightly deployment (prefect.yaml)")
 
     @field_validator("cron")
     @classmethod
@@ -359,6 +361,26 @@ class NightlyParams(_Strict):
         if len(cron.split()) != 5:
             raise ValueError("cron must have 5 fields (minute hour day month weekday)")
         return cron
+
+
+class IngestParams(_Strict):
+    inbox: str = Field("data/inbox", description="new good videos / images land here")
+    quarantine: str = Field("data/quarantine", description="rejected files + a .reason.txt each")
+    min_side: int = Field(32, ge=1, description="smallest accepted frame / image side, pixels")
+    max_side: int = Field(8192, ge=1)
+    channels: tuple[int, ...] = Field((3,), min_length=1, description="accepted colour channels")
+    min_duration_s: float = Field(0.5, ge=0.0, description="videos: shortest accepted clip")
+    max_duration_s: float = Field(3600.0, gt=0.0)
+
+
+class RegistryParams(_Strict):
+    path: str = Field("registry", description="MLflow model registry (SQLite) + version files")
+    keep: int = Field(10, ge=1, description="versions kept (the champion always is)")
+
+
+class GateParams(_Strict):
+    max_auroc_drop: float = Field(0.02, ge=-1.0, le=1.0, description="challenger may lose this much image AUROC")
+    max_far_increase: float = Field(0.02, ge=-1.0, le=1.0, description="... and gain this much false-alarm rate")
 
 
 class Params(_Strict):
@@ -375,6 +397,9 @@ class Params(_Strict):
     evaluate: EvaluateParams = EvaluateParams()
     maps: MapsParams = MapsParams()
     nightly: NightlyParams = NightlyParams()
+    ingest: IngestParams = IngestParams()
+    registry: RegistryParams = RegistryParams()
+    gate: GateParams = GateParams()
 
     @model_validator(mode="after")
     def _map_levels_ok(self):

@@ -16,6 +16,7 @@ quiet_environment()
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from defectflow import layout  # noqa: E402
+from defectflow.procs import popen_tied  # noqa: E402
 
 
 @task(name="dvc-repro", retries=1, retry_delay_seconds=10)
@@ -23,7 +24,7 @@ def dvc_repro(force: bool = False, pull: bool = False) -> str:
     """Run ``dvc repro`` and stream its output into the Prefect log."""
     log = get_run_logger()
     cmd = ["dvc", "repro"] + (["--force"] if force else []) + (["--pull"] if pull else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = popen_tied(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # dies with this process
     lines = []
     for line in proc.stdout:
         lines.append(line.rstrip())

@@ -3,7 +3,8 @@
     python -m flows.server -- python -m flows.score --source PATH --kind videos|images [--out DIR]
 
 Runs frames -> detect -> masks -> roi on the new input (into ``OUT/work``), scores
-every product view with ``models/model`` and ``models/threshold.json``, and writes
+every product view with the registry's champion (``models/model`` and ``models/threshold.json``
+with a warning while the registry has none), and writes
 ``OUT/scores.parquet`` and ``OUT/verdicts.parquet`` (defective if any camera flags it).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ quiet_environment()
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from defectflow import layout, scoring  # noqa: E402
+from defectflow.registry.store import champion_or_default  # noqa: E402
 from defectflow.evaluate import read_threshold  # noqa: E402
 from defectflow.config import load_params, params_from_dict  # noqa: E402
 from defectflow.manifest import ROI, SCORES, VERDICTS, read_manifest, write_manifest  # noqa: E402
@@ -59,7 +61,9 @@ def score(source: str, kind: str = "videos", out: str = "data/score",
     detect_task(base, dirs["frames"], dirs["detect"])
     masks_task(base, dirs["detect"], dirs["masks"])
     roi_task(base, dirs["masks"], dirs["roi"])
-    return score_task(base, dirs["roi"], str(layout.STAGE_DIRS["train"]), str(layout.THRESHOLD_FILE), out)
+    model_dir, threshold_file = champion_or_default(
+        params_from_dict(base), layout.STAGE_DIRS["train"], layout.THRESHOLD_FILE, get_run_logger())
+    return score_task(base, dirs["roi"], str(model_dir), str(threshold_file), out)
 
 
 def main(argv: list[str] | None = None) -> int:

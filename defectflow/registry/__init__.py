@@ -1,0 +1,1 @@
+"""Model registry (MLflow on local SQLite), provenance and the champion / challenger gate."""
