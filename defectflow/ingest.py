@@ -28,6 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from defectflow.config import Params
 from defectflow.errors import DefectflowError
@@ -177,7 +178,7 @@ def ingest(params: Params, inbox: Path | str | None = None, *, project: Path | s
     qdir = project / p.quarantine / batch
     dest_dir = data / "videos" / "ingest" / batch if kind != "images" else data / "train" / "good"
     video_rows, moved = [], []
-    for path, name in entries:
+    for path, name in tqdm(entries, desc="ingest", unit="file", disable=len(entries) < 20):
         reason, digest, size = None, "", ""
         ext = path.suffix.lower()
         if path.is_symlink() or not path.is_file():

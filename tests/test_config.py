@@ -13,6 +13,8 @@ def test_project_params_load_with_expected_defaults():
     assert p.train.backbone == "efficientnet_lite0"
     assert p.threshold.method == "target_fpr" and p.threshold.target_fpr == 0.05
     assert p.synth.enabled is False
+    assert p.gate.max_auroc_drop == 0.02 and p.gate.max_far_increase == 0.02
+    assert p.registry.keep == 10 and p.nightly.lock == ".nightly.lock" and p.ingest.inbox == "data/inbox"
 
 
 def test_unknown_key_names_the_key(tmp_path):

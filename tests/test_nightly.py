@@ -179,3 +179,21 @@ def test_prefect_yaml_matches_params():
     dep = on_disk["deployments"][0]
     assert dep["schedules"][0]["cron"] == load_params(ROOT / "params.yaml").nightly.cron
     assert dep["entrypoint"] == "flows/nightly.py:nightly"
+
+
+def test_scoring_and_export_read_the_champion_not_a_rejected_challenger(project, caplog):
+    import logging
+
+    from defectflow.registry.store import champion_or_default
+
+    params = load_params(project / "params.yaml")
+    log = logging.getLogger("defectflow.test")
+    with caplog.at_level(logging.WARNING):
+        assert champion_or_default(params, Path("models/model"), Path("models/threshold.json"), log) == (
+            Path("models/model"), Path("models/threshold.json"))
+    assert "no champion" in caplog.text
+    nightly(project, 2.0)
+    nightly(project, 0.1)                                   # rejected: models/model is now the worse one
+    model_dir, thr = champion_or_default(params, Path("models/model"), Path("models/threshold.json"), log)
+    assert (model_dir / "quality.txt").read_text() == "2.0" and thr.is_file()
+    assert (project / "models/model/quality.txt").read_text() == "0.1"
