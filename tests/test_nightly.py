@@ -197,3 +197,18 @@ def test_scoring_and_export_read_the_champion_not_a_rejected_challenger(project,
     model_dir, thr = champion_or_default(params, Path("models/model"), Path("models/threshold.json"), log)
     assert (model_dir / "quality.txt").read_text() == "2.0" and thr.is_file()
     assert (project / "models/model/quality.txt").read_text() == "0.1"
+
+
+def test_a_version_registered_but_never_decided_is_gated_by_the_next_run(project, monkeypatch):
+    nightly(project, 2.0)
+
+    def die(self, version, reasons):
+        raise KeyboardInterrupt("killed between register and decision")
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(Registry, "promote", die)
+        nightly(project, 3.0)
+    reg = Registry(project / "registry")
+    assert reg.get(2).status == "candidate" and reg.champion_version() == 1
+    d = run_nightly(load_params(project / "params.yaml"), project, repro=lambda: None,
+                    scorer=nf.fake_scorer, evaluation=nf.fake_eval).decision
+    assert d.promoted and d.challenger["version"] == 2 and [v.version for v in reg.list()] == [1, 2]

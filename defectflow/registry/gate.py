@@ -138,9 +138,10 @@ def run_gate(params: Params, project: Path | str = ".", *, scorer: Scorer = pipe
     check_loss(model_dir)
     prov = provenance(params, model_dir, thr_file, project)
     versions = reg.list()
-    if versions and prov["model_hash"] and versions[-1].provenance.get("model_hash") == prov["model_hash"]:
-        log.info("gate: %s is version %d already (model hash %s): nothing new to gate",
-                 model_dir, versions[-1].version, prov["model_hash"])
+    same = versions[-1] if versions and versions[-1].provenance.get("model_hash") == prov["model_hash"] else None
+    if same is not None and same.status != "candidate":
+        log.info("gate: %s is version %d already (model hash %s, %s): nothing new to gate",
+                 model_dir, same.version, prov["model_hash"], same.status)
         return None
     rows = evaluation(project)
     chall_thr = float(json.loads(thr_file.read_text())["threshold"])
@@ -151,7 +152,12 @@ def run_gate(params: Params, project: Path | str = ".", *, scorer: Scorer = pipe
         champ_thr = float(json.loads(champ.threshold_file.read_text())["threshold"])
         champ_m = metrics_of(scorer(champ.model_dir, rows, params), rows["label"], champ_thr)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    version = reg.register(model_dir, thr_file, chall_m, prov, now)
+    if same is not None:            # registered by a run that died before deciding: decide now
+        log.info("gate: version %d was registered but never decided; gating it now", same.version)
+        reg.set_metrics(same.version, chall_m)
+        version = same
+    else:
+        version = reg.register(model_dir, thr_file, chall_m, prov, now)
     ok, reasons = compare(chall_m, champ_m, params)
     if ok:
         reg.promote(version.version, reasons)

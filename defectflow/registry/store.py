@@ -153,6 +153,9 @@ class Registry:
             self.client.set_model_version_tag(MODEL_NAME, str(version), key,
                                               value if isinstance(value, str) else json.dumps(value))
 
+    def set_metrics(self, version: int, metrics: dict) -> None:
+        self._set(version, metrics=metrics)
+
     def promote(self, version: int, reasons: list[str]) -> ModelVersion:
         """Make ``version`` the champion (the alias switch is atomic); the old champion is archived."""
         target = self.get(version)
