@@ -25,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.schedules import Cron  # noqa: E402
 
 from defectflow.config import Params, load_params  # noqa: E402
+from defectflow.errors import DefectflowError  # noqa: E402
 from defectflow.nightly import run_nightly  # noqa: E402
 from flows.retrain import dvc_repro  # noqa: E402
 
@@ -88,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {write_prefect_yaml(params)}")
         return 0
     if args.once:
-        print(nightly(args.params))
+        try:
+            print(nightly(args.params))
+        except DefectflowError as err:          # lock held, nothing to train on, NaN loss, ... (logged by Prefect)
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return 0
     nightly.serve(name="nightly-retrain", schedule=schedule(params), parameters={"params_path": args.params},
                   description="Nightly retrain of defectflow: ingest, dvc repro, gate, promote or reject.")
