@@ -13,6 +13,7 @@ def test_project_params_load_with_expected_defaults():
     assert p.train.backbone == "efficientnet_lite0"
     assert p.threshold.method == "target_fpr" and p.threshold.target_fpr == 0.05
     assert p.synth.enabled is False
+    assert p.scale.runner == "threads" and p.scale.unit_cache is True and p.scale.on_unit_error == "stop"
 
 
 def test_unknown_key_names_the_key(tmp_path):
