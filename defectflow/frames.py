@@ -304,9 +304,11 @@ def _passes_by_run(passes: pd.DataFrame | None) -> dict[str, list[dict]]:
     return out
 
 
-def video_units(inp: Path) -> tuple[pd.DataFrame, pd.DataFrame | None, list[Unit]]:
-    """One unit per video (videos.csv order): the video's row and its run's passes.csv rows."""
+def video_units(inp: Path, runs: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None, list[Unit]]:
+    """One unit per video (videos.csv order; only ``runs`` if given): the video's row and its run's passes."""
     videos = load_videos(inp)
+    if runs is not None:
+        videos = videos[videos["run"].isin(runs)].reset_index(drop=True)
     passes = load_passes(inp)
     by_run = _passes_by_run(passes)
     units = [Unit(f"{v['run']}_{v['camera']}",
@@ -330,10 +332,11 @@ def run_unit(params: Params, unit: Unit, out: StageOutput) -> UnitResult:
                                  "empty": acc.empty, "unlisted": products.unlisted})
 
 
-def _run_videos(params: Params, inp: Path, out: StageOutput, report: StageReport, mapper: Mapper | None) -> None:
+def _run_videos(params: Params, inp: Path, out: StageOutput, report: StageReport, mapper: Mapper | None,
+                runs: list[str] | None) -> None:
     fp, source = params.frames, params.source.kind
     _check_demo(params, inp)
-    videos, passes, units = video_units(inp)
+    videos, passes, units = video_units(inp, runs)
     products = _Products(passes)
     t0 = time.perf_counter()
     settings = {"frames": fp.model_dump(mode="json"), "source": source}
@@ -389,15 +392,17 @@ def _check_counts(scans: list[tuple], products: _Products, report: StageReport) 
         report.notes.append(msg)
 
 
-def run(params: Params, inp: Path, out_dir: Path, mapper: Mapper | None = None) -> StageReport:
+def run(params: Params, inp: Path, out_dir: Path, mapper: Mapper | None = None,
+        runs: list[str] | None = None) -> StageReport:
     """Frames stage: ``inp`` is the source folder (params.source.path); writes ``out_dir``.
 
-    Videos are units (``video_units`` / ``run_unit``) mapped by ``mapper`` (default: serially).
+    Videos are units (``video_units`` / ``run_unit``) mapped by ``mapper`` (default: serially);
+    ``runs``: only the videos of these runs (the score flow's chunks).
     """
     inp = Path(inp)
     with stage_run("frames", out_dir) as (out, report):
         if params.source.kind == "images":
             _run_images(params, inp, out, report)
         else:
-            _run_videos(params, inp, out, report, mapper)
+            _run_videos(params, inp, out, report, mapper, runs)
     return report

@@ -11,6 +11,7 @@ from defectflow.config import Params
 from defectflow.sources import demo
 from defectflow.sources.videos import VideoReadError
 from defectflow.units import serial_map
+from defectflow.units.chunks import run_chunks
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,18 @@ def test_stop_fails_the_stage_naming_the_unit_and_keeps_the_old_output(tiny, tmp
         frames.run(_params(src, False), src, Path("out/frames"))
     assert any("frames unit test-00_cam1" in n for n in err.value.__notes__)
     pd.testing.assert_frame_equal(before, pd.read_parquet("out/frames/manifest.parquet"))
+
+
+def test_score_chunks_keep_runs_whole_and_frames_takes_one_chunk(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_chunks(tiny, 8) == [["train-00", "val-00"], ["test-00"]]     # 4 cameras a run
+    assert run_chunks(tiny, 1) == [["train-00"], ["val-00"], ["test-00"]]    # a run is never split
+    src = _source(tiny, tmp_path / "src", ["videos/train-00_cam0.avi", "videos/val-00_cam0.avi"])
+    frames.run(_params(src, False), src, Path("out/all"))
+    frames.run(_params(src, False), src, Path("out/val"), runs=["val-00"])
+    every = pd.read_parquet("out/all/manifest.parquet")
+    chunk = pd.read_parquet("out/val/manifest.parquet")
+    expected = every[every.run == "val-00"].reset_index(drop=True)
+    expected["image_path"] = expected.image_path.str.replace("out/all/", "out/val/")
+    expected["tracks_path"] = expected.tracks_path.str.replace("out/all/", "out/val/")
+    pd.testing.assert_frame_equal(chunk, expected)
