@@ -383,6 +383,20 @@ class GateParams(_Strict):
     max_far_increase: float = Field(0.02, ge=-1.0, le=1.0, description="... and gain this much false-alarm rate")
 
 
+class ScaleParams(_Strict):
+    runner: Literal["threads", "dask"] = Field("threads", description=(
+        "Prefect task runner the per-item stages map their units through: threads (one machine) or dask"))
+    workers: int = Field(2, ge=1, le=4096, description="threads, or Dask workers of a LocalCluster (address null)")
+    address: Optional[str] = Field(None, description="runner dask: scheduler address (tcp://host:8786); null = LocalCluster")
+    on_unit_error: Literal["stop", "quarantine"] = Field("stop", description=(
+        "a unit that fails on bad data: stop the stage (naming it), or list it in quarantine.json and go on"))
+    unit_cache: bool = Field(False, description=(
+        "keep each unit's result keyed by its inputs' content + params + code (params.yaml turns it on)"))
+    unit_images: int = Field(256, ge=1, le=1_000_000, description="per-image stages (roi, masks crop): rows per unit")
+    score_chunk: int = Field(8, ge=1, le=100_000, description="score flow: videos (or image units) per streamed chunk")
+    retries: int = Field(2, ge=0, le=20, description="Prefect retries of a unit (worker lost, I/O error)")
+
+
 class Params(_Strict):
     seed: int = Field(0, ge=0)
     source: SourceParams = SourceParams()
@@ -400,6 +414,7 @@ class Params(_Strict):
     ingest: IngestParams = IngestParams()
     registry: RegistryParams = RegistryParams()
     gate: GateParams = GateParams()
+    scale: ScaleParams = ScaleParams()
 
     @model_validator(mode="after")
     def _map_levels_ok(self):

@@ -27,12 +27,12 @@ plates are still built: masks uses them.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from defectflow.config import Params
 from defectflow.errors import DefectflowError
@@ -41,6 +41,8 @@ from defectflow.imgops import colour_diff, crop_square, odd, safe_name, square_b
 from defectflow.manifest import DETECT, FRAMES, read_manifest, write_manifest
 from defectflow.stage import skip_stage
 from defectflow.stage import StageOutput, StageReport, logger, manifest_path, stage_run
+from defectflow.units import Mapper, Unit, UnitOutcome, UnitResult, group_units, map_units, merge_rows
+from defectflow.units.core import POS, quarantine_meta, results
 
 log = logger("detect")
 
@@ -346,46 +348,75 @@ def _crop_row(row: dict, frame: np.ndarray, plate: np.ndarray, bg_path: str,
             "detect_score": score, "background_path": bg_path}
 
 
-def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
-    """Detect and crop the product in every video frame of ``inp``'s manifest."""
+def _unit_inputs(rows: list[dict]) -> list[str]:
+    cols = ("image_path", "video_path", "tracks_path")
+    return [r[c] for r in rows for c in cols if c in r and isinstance(r[c], str)]
+
+
+def units(params: Params, df: pd.DataFrame) -> list[Unit]:
+    """One unit per video (run, camera): its frames' rows (non-video rows are forwarded by ``run``)."""
+    us = group_units("detect", df, _unit_inputs)
+    if params.detect.method == "onnx" and params.detect.onnx_model:
+        us = [Unit(u.name, u.payload, u.inputs + (str(params.detect.onnx_model),)) for u in us]
+    return us
+
+
+@functools.lru_cache(maxsize=2)
+def _onnx_detector(model: str, score: float, iou: float, layout: str, cls: int | None) -> OnnxDetector:
+    return OnnxDetector(model, score, iou, layout, cls)
+
+
+def run_unit(params: Params, unit: Unit, out: StageOutput) -> UnitResult:
+    """Background plate of one video, then the crop of each of its frames."""
+    dp = params.detect
+    onnx = (_onnx_detector(dp.onnx_model, dp.score_threshold, dp.nms_iou, dp.onnx_layout, dp.onnx_class)
+            if dp.method == "onnx" else None)
+    rows = unit.payload
+    run_id, cam = rows[0]["run"], rows[0]["camera"]
+    plate, origin = _plate_for_camera(pd.DataFrame(rows))
+    tmp, bg_path = out.path(f"background/{safe_name(run_id)}_{safe_name(cam)}.png")
+    write_image(tmp, plate)
+    records, dropped, dropped_center = [], 0, 0
+    for row in rows:
+        frame = read_image(row["image_path"])
+        if frame.shape != plate.shape:
+            raise DetectError(f"{row['image_path']}: frame is {frame.shape}, but the background plate of "
+                              f"{run_id}/{cam} is {plate.shape}")
+        new = _crop_row(row, frame, plate, bg_path, params, out, onnx)
+        if new is None:
+            dropped += 1
+            dropped_center += bool(row["is_center"])
+            log.warning("%s: no %s, frame dropped", row["image_path"],
+                        "box above detect.score_threshold" if onnx else "foreground against the background plate")
+            continue
+        records.append(new)
+    return UnitResult(records, {"origin": origin, "dropped": dropped, "dropped_center": dropped_center})
+
+
+def run(params: Params, inp: Path, out_dir: Path, mapper: Mapper | None = None) -> StageReport:
+    """Detect and crop the product in every video frame of ``inp``'s manifest (a unit per video)."""
     df = read_manifest(manifest_path(inp), FRAMES)
     is_video = df["video_path"].notna()
     if not is_video.any():
         return skip_stage("detect", df, DETECT, inp, out_dir,
                           "images source: no video frames, images are used as they are")
     dp = params.detect
-    onnx = (OnnxDetector(dp.onnx_model, dp.score_threshold, dp.nms_iou, dp.onnx_layout, dp.onnx_class)
+    onnx = (_onnx_detector(dp.onnx_model, dp.score_threshold, dp.nms_iou, dp.onnx_layout, dp.onnx_class)
             if dp.method == "onnx" else None)
     with stage_run("detect", out_dir) as (out, report):
-        plates: dict[tuple[str, str], tuple[np.ndarray, str]] = {}
-        origins = {"video": 0, "frames": 0}
-        for (run_id, cam), rows in df[is_video].groupby(["run", "camera"], sort=False):
-            plate, origin = _plate_for_camera(rows)
-            tmp, recorded = out.path(f"background/{safe_name(run_id)}_{safe_name(cam)}.png")
-            write_image(tmp, plate)
-            plates[(run_id, cam)] = (plate, recorded)
-            origins[origin] += 1
-        records, dropped, dropped_center = [], 0, 0
-        for row in tqdm(df.to_dict("records"), desc="detect", unit="frame", disable=None, leave=False):
-            if pd.isna(row["video_path"]):
-                records.append(row)
-                continue
-            plate, bg_path = plates[(row["run"], row["camera"])]
-            frame = read_image(row["image_path"])
-            if frame.shape != plate.shape:
-                raise DetectError(f"{row['image_path']}: frame is {frame.shape}, but the background plate of "
-                                  f"{row['run']}/{row['camera']} is {plate.shape}")
-            new = _crop_row(row, frame, plate, bg_path, params, out, onnx)
-            if new is None:
-                dropped += 1
-                dropped_center += bool(row["is_center"])
-                log.warning("%s: no %s, frame dropped", row["image_path"],
-                            "box above detect.score_threshold" if onnx else "foreground against the background plate")
-                continue
-            records.append(new)
+        video_df = df.assign(**{POS: range(len(df))})[is_video]
+        settings = {"detect": dp.model_dump(mode="json")}
+        outcomes = map_units("detect", params, _positioned_units(params, video_df), run_unit, out, settings,
+                             report, mapper)
+        forwarded = [{**r, POS: i} for i, r in enumerate(df.to_dict("records")) if not isinstance(r["video_path"], str)]
+        records = merge_rows([*outcomes, UnitOutcome("forwarded", UnitResult(forwarded))])
+        stats = [r.stats for r in results(outcomes)]
+        origins = {k: sum(s["origin"] == k for s in stats) for k in ("video", "frames")}
+        dropped, dropped_center = sum(s["dropped"] for s in stats), sum(s["dropped_center"] for s in stats)
         out_df = pd.DataFrame(records, columns=DETECT.names)
         write_manifest(out_df, DETECT, out.manifest,
-                       meta={"detector": dp.method, **({"onnx_model": str(dp.onnx_model)} if onnx else {})})
+                       meta={"detector": dp.method, **({"onnx_model": str(dp.onnx_model)} if onnx else {}),
+                             **quarantine_meta(outcomes)})
         report.read.append(str(inp))
         report.n_in, report.n_out = len(df), len(out_df)
         report.notes.append(f"background plates: {origins['video']} from videos, "
@@ -395,3 +426,10 @@ def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
         if (~is_video).any():
             report.notes.append(f"{int((~is_video).sum())} non-video row(s) forwarded without detection")
     return report
+
+
+def _positioned_units(params: Params, video_df: pd.DataFrame) -> list[Unit]:
+    """``units`` of the video rows, each row keeping its position in the whole manifest."""
+    us = units(params, video_df.drop(columns=[POS]))
+    pos = video_df[POS].tolist()
+    return [Unit(u.name, [{**r, POS: pos[r[POS]]} for r in u.payload], u.inputs) for u in us]

@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import cv2
@@ -44,6 +45,8 @@ from defectflow.stage import StageOutput, StageReport, logger, stage_run
 from defectflow.tracking.lanes import WORK_WIDTH, Grid, lanes_for_camera
 from defectflow.tracking.scan import VideoTracker
 from defectflow.tracking.tracker import Capture
+from defectflow.units import Mapper, Unit, UnitResult, map_units
+from defectflow.units.core import quarantine_meta, results
 from defectflow.video_decode import JpegStream, Payload, VideoScan, decoded_frames
 
 # kept frames of non-MJPG videos: zlib level 1, RLE, "up" filter: the fastest lossless setting measured
@@ -292,18 +295,59 @@ def _scan_one(video, fp: FramesParams, products: _Products, out: StageOutput, so
         log.warning("frames: %s: no product pass found (%d frames read)", video.path, scan.n_read)
 
 
-def _run_videos(params: Params, inp: Path, out: StageOutput, report: StageReport) -> None:
-    fp, source = params.frames, params.source.kind
-    _check_demo(params, inp)
+def _passes_by_run(passes: pd.DataFrame | None) -> dict[str, list[dict]]:
+    if passes is None:
+        return {}
+    out: dict[str, list[dict]] = {}
+    for r in passes.to_dict("records"):
+        out.setdefault(r["run"], []).append(r)
+    return out
+
+
+def video_units(inp: Path, runs: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None, list[Unit]]:
+    """One unit per video (videos.csv order; only ``runs`` if given): the video's row and its run's passes."""
     videos = load_videos(inp)
-    products = _Products(load_passes(inp))
+    if runs is not None:
+        videos = videos[videos["run"].isin(runs)].reset_index(drop=True)
+    passes = load_passes(inp)
+    by_run = _passes_by_run(passes)
+    units = [Unit(f"{v['run']}_{v['camera']}",
+                  {"video": v, "passes": by_run.get(v["run"], []) if passes is not None else None},
+                  (v["path"],))
+             for v in videos.to_dict("records")]
+    return videos, passes, units
+
+
+def run_unit(params: Params, unit: Unit, out: StageOutput) -> UnitResult:
+    """Track one video: its rows and what the stage's meta and checks need."""
+    p = unit.payload
+    video = SimpleNamespace(**p["video"])
+    products = _Products(None if p["passes"] is None else pd.DataFrame(p["passes"]))
     acc, writer = _Scans(), _Writer()
-    t0 = time.perf_counter()
     try:
-        for video in tqdm(list(videos.itertuples(index=False)), desc="frames", unit="video"):
-            _scan_one(video, fp, products, out, source, writer, acc)
+        _scan_one(video, params.frames, products, out, params.source.kind, writer, acc)
     finally:
         writer.close()
+    return UnitResult(acc.rows, {"scans": [(p["video"], s, per) for _, s, per in acc.scans], "bad": acc.bad,
+                                 "empty": acc.empty, "unlisted": products.unlisted})
+
+
+def _run_videos(params: Params, inp: Path, out: StageOutput, report: StageReport, mapper: Mapper | None,
+                runs: list[str] | None) -> None:
+    fp, source = params.frames, params.source.kind
+    _check_demo(params, inp)
+    videos, passes, units = video_units(inp, runs)
+    products = _Products(passes)
+    t0 = time.perf_counter()
+    settings = {"frames": fp.model_dump(mode="json"), "source": source}
+    outcomes = map_units("frames", params, units, run_unit, out, settings, report, mapper)
+    acc = _Scans()
+    for res in results(outcomes):
+        acc.rows += res.rows
+        acc.scans += [(SimpleNamespace(**v), s, per) for v, s, per in res.stats["scans"]]
+        acc.bad += res.stats["bad"]
+        acc.empty += res.stats["empty"]
+        products.unlisted += res.stats["unlisted"]
     df = pd.DataFrame(acc.rows, columns=FRAMES.names)
     scans = [s for _, s, _ in acc.scans]
     _check_counts(acc.scans, products, report)
@@ -312,7 +356,8 @@ def _run_videos(params: Params, inp: Path, out: StageOutput, report: StageReport
             "tracks": sum(s.n_tracks for s in scans), "tracks_not_counted": sum(s.n_dropped for s in scans),
             "lanes": json.dumps(sorted({ln for _, _, per in acc.scans for ln in per})),
             "jpeg_passthrough_videos": sum(s.jpeg for s in scans),
-            "bad_videos": json.dumps(acc.bad), "videos_without_passes": json.dumps(acc.empty)}
+            "bad_videos": json.dumps(acc.bad), "videos_without_passes": json.dumps(acc.empty),
+            **quarantine_meta(outcomes)}
     write_manifest(df, FRAMES, out.manifest, meta=meta)
     secs = time.perf_counter() - t0
     report.read.append(f"{inp} ({len(videos)} videos, {meta['frames_decoded']} frames decoded in {secs:.1f} s)")
@@ -347,12 +392,17 @@ def _check_counts(scans: list[tuple], products: _Products, report: StageReport) 
         report.notes.append(msg)
 
 
-def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
-    """Frames stage: ``inp`` is the source folder (params.source.path); writes ``out_dir``."""
+def run(params: Params, inp: Path, out_dir: Path, mapper: Mapper | None = None,
+        runs: list[str] | None = None) -> StageReport:
+    """Frames stage: ``inp`` is the source folder (params.source.path); writes ``out_dir``.
+
+    Videos are units (``video_units`` / ``run_unit``) mapped by ``mapper`` (default: serially);
+    ``runs``: only the videos of these runs (the score flow's chunks).
+    """
     inp = Path(inp)
     with stage_run("frames", out_dir) as (out, report):
         if params.source.kind == "images":
             _run_images(params, inp, out, report)
         else:
-            _run_videos(params, inp, out, report)
+            _run_videos(params, inp, out, report, mapper, runs)
     return report

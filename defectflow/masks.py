@@ -33,6 +33,8 @@ from defectflow.imgops import colour_diff, crop_square, largest_filled, safe_nam
 from defectflow.manifest import DETECT, MASKS, read_manifest, write_manifest
 from defectflow.stage import skip_stage
 from defectflow.stage import StageOutput, StageReport, logger, manifest_path, stage_run
+from defectflow.units import Mapper, Unit, UnitResult, group_units, map_units, merge_rows
+from defectflow.units.core import quarantine_meta, results
 
 log = logger("masks")
 
@@ -204,36 +206,49 @@ def _crop_rows(records: list[dict], fraction: float, out: StageOutput) -> list[d
     return rows
 
 
-def _composite_rows(df: pd.DataFrame, has_plate: pd.Series, params: Params, out: StageOutput,
-                    report: StageReport) -> list[dict]:
-    """masks.method=mask: soft masks, composites and masked crops per product/camera."""
-    records = df.to_dict("records")
+def _has_plate(row: dict) -> bool:
+    return isinstance(row.get("background_path"), str) and not any(pd.isna(row.get(c)) for c in BOX_COLS)
+
+
+def _composite_rows(records: list[dict], params: Params, out: StageOutput) -> tuple[list[dict], dict]:
+    """masks.method=mask on one unit: soft masks, composites and masked crops per product/camera."""
     groups: dict[tuple, list[dict]] = {}
-    for row, ok in zip(records, has_plate):
-        if ok:
+    for row in records:
+        if _has_plate(row):
             groups.setdefault((row["run"], row["product_id"], row["camera"]), []).append(row)
     plates: dict[str, np.ndarray] = {}
     updates: dict[str, dict] = {}
     empty = 0
-    for (run_id, product, cam), rows in tqdm(groups.items(), desc="masks", unit="product",
-                                             disable=None, leave=False):
+    for (run_id, product, cam), rows in groups.items():
         tag = "_".join(safe_name(x) for x in (run_id, product, cam))
         got = _mask_group(rows, plates, params, out, tag)
         if not any("composite_mask_path" in u for u in got.values()):
             empty += 1
             log.warning("%s/%s/%s: composite mask is empty, crops forwarded unmasked", run_id, product, cam)
         updates.update(got)
-    report.notes.append(f"{len(groups) - empty} composite mask(s) (product x camera), "
-                        f"shrunk by {params.masks.shrink:.0%}")
-    if empty:
-        report.notes.append(f"{empty} product/camera composite(s) empty: crops forwarded unmasked")
-    if (~has_plate).any():
-        report.notes.append(f"{int((~has_plate).sum())} row(s) without box/background forwarded unmasked")
-    return [{**r, **updates.get(r["item_id"], {})} for r in records]
+    stats = {"groups": len(groups), "empty": empty, "no_plate": sum(not _has_plate(r) for r in records)}
+    return [{**r, **updates.get(r["item_id"], {})} for r in records], stats
 
 
-def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
-    """Remove the background of every detected crop of ``inp`` as ``masks.method`` says."""
+def _unit_inputs(rows: list[dict]) -> list[str]:
+    return [r[c] for r in rows for c in ("image_path", "background_path") if isinstance(r.get(c), str)]
+
+
+def units(params: Params, df: pd.DataFrame) -> list[Unit]:
+    """Per video (run, camera): whole products for ``mask``; ``crop`` also cut into ``scale.unit_images`` rows."""
+    chunk = params.scale.unit_images if params.masks.method == "crop" else None
+    return group_units("masks", df, _unit_inputs, chunk=chunk)
+
+
+def run_unit(params: Params, unit: Unit, out: StageOutput) -> UnitResult:
+    if params.masks.method == "crop":
+        return UnitResult(_crop_rows(unit.payload, params.masks.shrink, out), {})
+    rows, stats = _composite_rows(unit.payload, params, out)
+    return UnitResult(rows, stats)
+
+
+def run(params: Params, inp: Path, out_dir: Path, mapper: Mapper | None = None) -> StageReport:
+    """Remove the background of every detected crop of ``inp`` as ``masks.method`` says (units: see ``units``)."""
     df = read_manifest(manifest_path(inp), DETECT)
     method = params.masks.method
     if method == "none":
@@ -243,13 +258,23 @@ def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
         return skip_stage("masks", df, MASKS, inp, out_dir,
                           "images source: no background plates or boxes (detect did not run)")
     with stage_run("masks", out_dir) as (out, report):
+        settings = {"masks": params.masks.model_dump(mode="json"), "margin": params.detect.margin}
+        outcomes = map_units("masks", params, units(params, df), run_unit, out, settings, report, mapper)
+        rows = merge_rows(outcomes)
         if method == "crop":
-            rows = _crop_rows(df.to_dict("records"), params.masks.shrink, out)
             report.notes.append(f"{len(rows)} image(s) cropped by {params.masks.shrink:.0%} on each side")
         else:
-            rows = _composite_rows(df, has_plate, params, out, report)
+            stats = [r.stats for r in results(outcomes)]
+            n_groups, empty = sum(s["groups"] for s in stats), sum(s["empty"] for s in stats)
+            no_plate = sum(s["no_plate"] for s in stats)
+            report.notes.append(f"{n_groups - empty} composite mask(s) (product x camera), "
+                                f"shrunk by {params.masks.shrink:.0%}")
+            if empty:
+                report.notes.append(f"{empty} product/camera composite(s) empty: crops forwarded unmasked")
+            if no_plate:
+                report.notes.append(f"{no_plate} row(s) without box/background forwarded unmasked")
         out_df = pd.DataFrame(rows, columns=MASKS.names)
-        write_manifest(out_df, MASKS, out.manifest, meta={"method": method})
+        write_manifest(out_df, MASKS, out.manifest, meta={"method": method, **quarantine_meta(outcomes)})
         report.read.append(str(inp))
         report.n_in, report.n_out = len(df), len(out_df)
     return report

@@ -25,6 +25,8 @@ from defectflow.manifest import MASKS, ROI, read_manifest, write_manifest
 from defectflow.masks import apply_mask
 from defectflow.stage import skip_stage
 from defectflow.stage import StageOutput, StageReport, logger, manifest_path, stage_run
+from defectflow.units import Mapper, Unit, UnitResult, group_units, map_units, merge_rows
+from defectflow.units.core import quarantine_meta, results
 
 log = logger("roi")
 
@@ -80,8 +82,8 @@ def circle_roi(img: np.ndarray, circle: Circle, p: RoiParams, seed: int) -> tupl
     return crop, (kmeans_mask(crop, inside, seed) if p.kmeans else None)
 
 
-def _circle_rows(records: list[dict], params: Params, out: StageOutput) -> tuple[list[dict], int]:
-    """Circle ROI for every row; (new rows, how many had no circle)."""
+def _circle_rows(records: list[dict], params: Params, out: StageOutput) -> tuple[list[dict], list[str]]:
+    """Circle ROI for every row; (new rows, the images without a circle)."""
     rows, missing = [], []
     for row in tqdm(records, desc="roi", unit="image", disable=None, leave=False):
         img = read_image(row["image_path"])
@@ -100,10 +102,7 @@ def _circle_rows(records: list[dict], params: Params, out: StageOutput) -> tuple
             tmp, mask_path = out.path(f"masks/{name}.png")
             write_image(tmp, mask)
         rows.append({**row, "image_path": img_path, "roi_found": True, "roi_mask_path": mask_path})
-    if missing:
-        log.warning("no circle found in %d image(s), forwarded as they are (e.g. %s)",
-                    len(missing), ", ".join(missing[:3]))
-    return rows, len(missing)
+    return rows, missing
 
 
 def _mask_rows(records: list[dict], out: StageOutput) -> tuple[list[dict], int, int]:
@@ -126,26 +125,49 @@ def _mask_rows(records: list[dict], out: StageOutput) -> tuple[list[dict], int, 
     return rows, remasked, missing
 
 
-def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
-    """Region of interest of every image of ``inp`` as ``roi.method`` says."""
+def _unit_inputs(rows: list[dict]) -> list[str]:
+    return [r[c] for r in rows for c in ("image_path", "composite_mask_path") if isinstance(r.get(c), str)]
+
+
+def units(params: Params, df: pd.DataFrame) -> list[Unit]:
+    """Per video (run, camera) or image folder, cut into ``scale.unit_images`` rows."""
+    return group_units("roi", df, _unit_inputs, chunk=params.scale.unit_images)
+
+
+def run_unit(params: Params, unit: Unit, out: StageOutput) -> UnitResult:
+    if params.roi.method == "circle":
+        rows, missing = _circle_rows(unit.payload, params, out)
+        return UnitResult(rows, {"missing": len(missing), "examples": missing[:3]})
+    rows, remasked, missing = _mask_rows(unit.payload, out)
+    return UnitResult(rows, {"remasked": remasked, "missing": missing})
+
+
+def run(params: Params, inp: Path, out_dir: Path, mapper: Mapper | None = None) -> StageReport:
+    """Region of interest of every image of ``inp`` as ``roi.method`` says (units: see ``units``)."""
     df = read_manifest(manifest_path(inp), MASKS)
     method = params.roi.method
     if method == "none":
         return skip_stage("roi", df, ROI, inp, out_dir, "roi.method=none: images used as they are")
     with stage_run("roi", out_dir) as (out, report):
-        records = df.to_dict("records")
+        settings = {"roi": params.roi.model_dump(mode="json"), "seed": params.seed}
+        outcomes = map_units("roi", params, units(params, df), run_unit, out, settings, report, mapper)
+        rows = merge_rows(outcomes)
+        stats = [r.stats for r in results(outcomes)]
+        missing = sum(s["missing"] for s in stats)
         if method == "circle":
-            rows, missing = _circle_rows(records, params, out)
+            if missing:
+                log.warning("no circle found in %d image(s), forwarded as they are (e.g. %s)", missing,
+                            ", ".join(e for s in stats for e in s["examples"][:3])[:400])
             report.notes.append(f"circle found in {len(rows) - missing}/{len(rows)} image(s); "
                                 f"{missing} without a circle forwarded as they are")
         else:
-            rows, remasked, missing = _mask_rows(records, out)
+            remasked = sum(s["remasked"] for s in stats)
             report.notes.append(f"{remasked} image(s) masked with their composite here, "
                                 f"{len(rows) - missing - remasked} already masked")
             if missing:
                 report.notes.append(f"{missing} image(s) have no composite mask: forwarded unmasked")
         out_df = pd.DataFrame(rows, columns=ROI.names)
-        write_manifest(out_df, ROI, out.manifest, meta={"method": method})
+        write_manifest(out_df, ROI, out.manifest, meta={"method": method, **quarantine_meta(outcomes)})
         report.read.append(str(inp))
         report.n_in, report.n_out = len(df), len(out_df)
     return report

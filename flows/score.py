@@ -6,6 +6,10 @@ Runs frames -> detect -> masks -> roi on the new input (into ``OUT/work``), scor
 every product view with the registry's champion (``models/model`` and ``models/threshold.json``
 with a warning while the registry has none), and writes
 ``OUT/scores.parquet`` and ``OUT/verdicts.parquet`` (defective if any camera flags it).
+Video input is streamed in chunks of whole runs (``scale.score_chunk`` videos, into
+``OUT/work/chunk-NNNN`` when there is more than one), each taken from frames to verdicts before
+the next, so memory does not grow with the number of videos; the per-item stages map their units
+through the task runner ``scale`` names (threads or Dask).
 """
 from __future__ import annotations
 
@@ -20,16 +24,16 @@ quiet_environment()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from defectflow import layout, scoring  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from defectflow import detect, frames, layout, masks, roi, scoring  # noqa: E402
 from defectflow.registry.store import champion_or_default  # noqa: E402
 from defectflow.evaluate import read_threshold  # noqa: E402
 from defectflow.config import load_params, params_from_dict  # noqa: E402
-from defectflow.manifest import ROI, SCORES, VERDICTS, read_manifest, write_manifest  # noqa: E402
+from defectflow.manifest import ROI, SCORES, VERDICTS, read_manifest, read_meta, write_manifest  # noqa: E402
 from defectflow.stage import manifest_path  # noqa: E402
-from tasks.detect import detect_task  # noqa: E402
-from tasks.frames import frames_task  # noqa: E402
-from tasks.masks import masks_task  # noqa: E402
-from tasks.roi import roi_task  # noqa: E402
+from defectflow.units.chunks import run_chunks  # noqa: E402
+from tasks.units import mapper_for, task_runner  # noqa: E402
 
 
 @task(name="score-items")
@@ -49,21 +53,53 @@ def score_task(params: dict, roi_dir: str, model_dir: str, threshold_file: str, 
     return {"views": len(scored), "products": len(verdicts), "defective": n_bad}
 
 
+def _chunk(params, source: str, runs: list[str] | None, work: Path) -> dict[str, str]:
+    """frames..roi of one chunk (``runs`` of the source; None: all of it) into ``work``."""
+    dirs = {s: str(work / s) for s in ("frames", "detect", "masks", "roi")}
+    mapper = mapper_for(params.scale)
+    frames.run(params, Path(source), Path(dirs["frames"]), mapper=mapper, runs=runs)
+    detect.run(params, Path(dirs["frames"]), Path(dirs["detect"]), mapper=mapper)
+    masks.run(params, Path(dirs["detect"]), Path(dirs["masks"]), mapper=mapper)
+    roi.run(params, Path(dirs["masks"]), Path(dirs["roi"]), mapper=mapper)
+    return dirs
+
+
 @flow(name="score", log_prints=True)
 def score(source: str, kind: str = "videos", out: str = "data/score",
           params_path: str = "params.yaml") -> dict:
-    """New videos or images -> per-product verdicts with the current model."""
+    """New videos or images -> per-product verdicts with the current model, streamed in chunks."""
     base = load_params(params_path).model_dump(mode="json")
     base["source"].update(kind=kind, path=source)
+    params = params_from_dict(base, "score params")
     work = Path(out) / "work"
-    dirs = {s: str(work / s) for s in ("frames", "detect", "masks", "roi")}
-    frames_task(base, source, dirs["frames"])
-    detect_task(base, dirs["frames"], dirs["detect"])
-    masks_task(base, dirs["detect"], dirs["masks"])
-    roi_task(base, dirs["masks"], dirs["roi"])
+    chunks = run_chunks(source, params.scale.score_chunk) if kind != "images" else [None]
     model_dir, threshold_file = champion_or_default(
-        params_from_dict(base), layout.STAGE_DIRS["train"], layout.THRESHOLD_FILE, get_run_logger())
-    return score_task(base, dirs["roi"], str(model_dir), str(threshold_file), out)
+        params, layout.STAGE_DIRS["train"], layout.THRESHOLD_FILE, get_run_logger())
+    model, threshold = str(model_dir), str(threshold_file)
+    if len(chunks) == 1:
+        dirs = _chunk(params, source, None, work)
+        return score_task(base, dirs["roi"], model, threshold, out)
+    parts = []
+    for k, runs in enumerate(chunks):
+        get_run_logger().info("chunk %d/%d: runs %s", k + 1, len(chunks), ", ".join(runs))
+        part = work / f"chunk-{k:04d}"
+        dirs = _chunk(params, source, runs, part)
+        score_task(base, dirs["roi"], model, threshold, str(part))
+        parts.append(part)
+    return _join_chunks(parts, Path(out))
+
+
+def _join_chunks(parts: list[Path], out: Path) -> dict:
+    """The chunks' scores and verdicts as one scores.parquet and verdicts.parquet (rows only in memory)."""
+    scored = pd.concat([read_manifest(p / "scores.parquet", SCORES) for p in parts], ignore_index=True)
+    verdicts = pd.concat([read_manifest(p / "verdicts.parquet", VERDICTS) for p in parts], ignore_index=True)
+    threshold = read_meta(parts[0] / "verdicts.parquet").get("threshold")
+    write_manifest(scored, SCORES, out / "scores.parquet")
+    write_manifest(verdicts, VERDICTS, out / "verdicts.parquet", meta={"threshold": threshold})
+    n_bad = int((verdicts.verdict == "defect").sum())
+    get_run_logger().info("scored %d views of %d products in %d chunks: %d defective -> %s",
+                          len(scored), len(verdicts), len(parts), n_bad, out / "verdicts.parquet")
+    return {"views": len(scored), "products": len(verdicts), "defective": n_bad, "chunks": len(parts)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="data/score")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    result = score(args.source, args.kind, args.out, args.params)
+    runner = task_runner(load_params(args.params).scale)
+    result = score.with_options(task_runner=runner)(args.source, args.kind, args.out, args.params)
     print(json.dumps(result))
     return 0
 

@@ -15,6 +15,7 @@ def test_project_params_load_with_expected_defaults():
     assert p.synth.enabled is False
     assert p.gate.max_auroc_drop == 0.02 and p.gate.max_far_increase == 0.02
     assert p.registry.keep == 10 and p.nightly.lock == ".nightly.lock" and p.ingest.inbox == "data/inbox"
+    assert p.scale.runner == "threads" and p.scale.unit_cache is True and p.scale.on_unit_error == "stop"
 
 
 def test_unknown_key_names_the_key(tmp_path):
