@@ -52,8 +52,8 @@ def test_dag_end_to_end_on_tiny_demo(tmp_path):
         assert verdicts.product_id.is_unique and set(verdicts.verdict) <= {"good", "defect"}
         assert (proj / "reports/report.html").stat().st_size > 1000
         test_videos = pd.read_csv(proj / "data/demo/videos.csv").query("split == 'test'")
-        annotated = sorted(p.name for p in (proj / "reports/videos").glob("*.avi"))
-        assert annotated == sorted(Path(v).stem + ".avi" for v in test_videos.video)
+        annotated = sorted(p.name for p in (proj / "reports/videos").glob("*.mp4"))
+        assert annotated == sorted(Path(v).stem + ".mp4" for v in test_videos.video)
         assert (proj / "models/model/model.pt").is_file()
 
         # nothing changed: nothing reruns
