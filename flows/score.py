@@ -4,7 +4,9 @@
 
 Runs frames -> detect -> masks -> roi on the new input (into ``OUT/work``), scores
 every product view with ``models/model`` and ``models/threshold.json``, and writes
-``OUT/scores.parquet`` and ``OUT/verdicts.parquet`` (defective if any camera flags it).
+``OUT/scores.parquet`` and ``OUT/verdicts.parquet`` (defective if any camera flags it), the
+report ``OUT/report/report.html`` + ``report.pdf`` (evaluate's without the label-based parts)
+and the Prefect artifacts ``score-<line>-summary``, ``-metrics``, ``-flagged``.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ quiet_environment()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from defectflow import layout, scoring  # noqa: E402
+from defectflow import layout  # noqa: E402
 from defectflow.evaluate import read_threshold  # noqa: E402
 from defectflow.config import load_params, params_from_dict  # noqa: E402
 from defectflow.manifest import ROI, SCORES, VERDICTS, read_manifest, write_manifest  # noqa: E402
@@ -32,19 +34,25 @@ from tasks.roi import roi_task  # noqa: E402
 
 @task(name="score-items")
 def score_task(params: dict, roi_dir: str, model_dir: str, threshold_file: str, out_dir: str) -> dict:
-    """Score the centre view of every product/camera and decide per product."""
-    df = read_manifest(manifest_path(roi_dir), ROI)
-    df = df[df.is_center].reset_index(drop=True)
-    df["synthetic"] = False
-    threshold = float(read_threshold(Path(threshold_file))["threshold"])
-    scored, verdicts = scoring.judge(df, model_dir, params_from_dict(params, "score params"), threshold)
+    """Score the centre view of every product/camera, decide per product, write the report, publish artifacts."""
+    from defectflow.reporting.score_run import score_and_report
+    from tasks.artifacts import publish_run
+
+    src = manifest_path(roi_dir)
+    df = read_manifest(src, ROI)
+    thr_info = read_threshold(Path(threshold_file))
+    p = params_from_dict(params, "score params")
     out = Path(out_dir)
-    write_manifest(scored, SCORES, out / "scores.parquet")
-    write_manifest(verdicts, VERDICTS, out / "verdicts.parquet", meta={"threshold": threshold})
+    scored, verdicts, qa, _ = score_and_report(p, df, Path(model_dir), thr_info, src, out / "report")
+    write_manifest(scored[[c for c in scored.columns if c in SCORES.names]], SCORES, out / "scores.parquet")
+    write_manifest(verdicts, VERDICTS, out / "verdicts.parquet", meta={"threshold": float(thr_info["threshold"])})
+    keys = publish_run(qa, None)
     n_bad = int((verdicts.verdict == "defect").sum())
-    get_run_logger().info("scored %d views of %d products: %d defective -> %s",
-                          len(scored), len(verdicts), n_bad, out / "verdicts.parquet")
-    return {"views": len(scored), "products": len(verdicts), "defective": n_bad}
+    get_run_logger().info("scored %d views of %d products: %d defective -> %s; report %s; artifacts %s",
+                          len(scored), len(verdicts), n_bad, out / "verdicts.parquet", out / "report/report.html",
+                          ", ".join(keys))
+    return {"views": len(scored), "products": len(verdicts), "defective": n_bad,
+            "report": str(out / "report" / "report.html"), "artifacts": keys}
 
 
 @flow(name="score", log_prints=True)

@@ -75,6 +75,11 @@ def test_dag_end_to_end_on_tiny_demo(tmp_path):
         scored = pd.read_parquet(proj / "data/score/verdicts.parquet")
         n_products = len(pd.read_csv(proj / "data/demo/passes.csv"))
         assert len(scored) == n_products and scored.n_cameras.eq(4).all()
+        score_qa = json.loads((proj / "data/score/report/qa.json").read_text())
+        assert score_qa["kind"] == "score" and score_qa["inspected"] == n_products
+        assert (proj / "data/score/report/report.pdf").is_file() and list((proj / "data/score/report/videos").glob("*.mp4"))
+        kinds = [json.loads(x)["kind"] for x in (proj / "data/history/runs.jsonl").read_text().splitlines()]
+        assert kinds[-1] == "score" and "evaluate" in kinds
         assert (proj / "models/model/model.pt").stat().st_mtime == model_mtime
 
 

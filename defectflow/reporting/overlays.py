@@ -57,7 +57,11 @@ def product_tiles(scored: pd.DataFrame, verdicts: pd.DataFrame, amaps: np.ndarra
     """(product -> [{camera, score, flagged, crop, overlay}], overlay title) for the flagged products shown:
     every camera's crop and, with a conv head, its heat map + boxes (one colour range for all: the
     threshold stage's ``vmin``/``vmax``), and/or the image head's gradient map, side by side."""
-    from defectflow.anomaly_maps import Box, draw_boxes, load_rgb, overlay
+    if amaps is not None or gradient_model is not None:
+        from defectflow.anomaly_maps import Box, draw_boxes, load_rgb, overlay
+    else:                                                   # crops only: no torch import
+        def load_rgb(path):
+            return cv2.cvtColor(read_image(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
     views = camera_views(scored, flagged_ids(verdicts, params.evaluate.max_report_images))
     pos = {item: i for i, item in enumerate(scored["item_id"])}
