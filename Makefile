@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test demo ui clean
+.PHONY: setup run test demo ui clean plots
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,11 @@ run: demo  ## the whole DAG on the demo, each stage a Prefect flow on one local 
 test: setup
 	$(VENV)/bin/ruff check --select F,E9 defectflow flows tasks tests bench
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+plots: setup  ## dvc plots show offline (vega libraries bundled from npm); then e.g. dvc plots diff HEAD~1 --html-template tools/dvc_plots/offline.html
+	cd tools/dvc_plots && npm ci --no-audit --no-fund --loglevel=error
+	$(PY) tools/dvc_plots/make_template.py
+	dvc plots show --html-template tools/dvc_plots/offline.html -o reports/dvc_plots
 
 ui: setup  ## a Prefect server with its UI, to watch runs
 	$(PY) -m flows.server --serve

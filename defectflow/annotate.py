@@ -65,22 +65,58 @@ def _label(frame: np.ndarray, box, colour, text: str) -> None:
     cv2.putText(frame, text, (x0 + 2, ty - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
 
 
+class Mp4Writer:
+    """H.264 MP4 (``yuv420p``, the profile every browser plays) through PyAV's bundled FFmpeg.
+
+    Frames are BGR uint8; odd widths/heights are padded by one pixel (4:2:0 needs even sizes)."""
+
+    def __init__(self, path: Path, fps: float, crf: int = 26):
+        import av
+        from fractions import Fraction
+
+        self.path = Path(path)
+        self._container = av.open(str(path), mode="w", options={"movflags": "+faststart"})
+        self._rate = Fraction(fps).limit_denominator(1000)
+        self._crf = crf
+        self._stream = None
+        self.frames = 0
+
+    def write(self, frame_bgr: np.ndarray) -> None:
+        import av
+
+        h, w = frame_bgr.shape[:2]
+        if self._stream is None:
+            self._stream = self._container.add_stream("libx264", rate=self._rate)
+            self._stream.width, self._stream.height = w + w % 2, h + h % 2
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.options = {"crf": str(self._crf), "preset": "veryfast"}
+        if w % 2 or h % 2:
+            frame_bgr = cv2.copyMakeBorder(frame_bgr, 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame_bgr), format="bgr24")
+        for packet in self._stream.encode(vf):
+            self._container.mux(packet)
+        self.frames += 1
+
+    def close(self) -> None:
+        if self._stream is not None:
+            for packet in self._stream.encode(None):
+                self._container.mux(packet)
+        self._container.close()
+
+
 def annotate_video(video: Path, out: Path, passes: list[tuple[dict, str, tuple]]) -> int:
-    """Write ``video`` to ``out`` (MJPG) with ``passes`` = [(track, text, colour)] drawn; returns frames."""
+    """Write ``video`` to ``out`` (H.264 MP4) with ``passes`` = [(track, text, colour)] drawn; returns frames."""
     cap = cv2.VideoCapture(str(video))
     if not cap.isOpened():
         raise ValueError(f"{video}: cannot open video to annotate")
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-    writer = None
+    writer = Mp4Writer(out, fps)
     n = 0
     try:
         while True:
             ok, frame = cap.read()
             if not ok:
                 break
-            if writer is None:
-                h, w = frame.shape[:2]
-                writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
             for track, text, colour in passes:
                 if n in track:
                     _label(frame, track[n], colour, text)
@@ -88,9 +124,23 @@ def annotate_video(video: Path, out: Path, passes: list[tuple[dict, str, tuple]]
             n += 1
     finally:
         cap.release()
-        if writer is not None:
-            writer.release()
+        writer.close()
+    if n == 0:
+        out.unlink(missing_ok=True)
+        raise ValueError(f"{video}: no frame could be read to annotate")
     return n
+
+
+def poster_frame(video: Path, index: int | None = None) -> np.ndarray | None:
+    """One BGR frame of ``video`` (the middle one by default) for the PDF; None when unreadable."""
+    cap = cv2.VideoCapture(str(video))
+    try:
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        cap.set(cv2.CAP_PROP_POS_FRAMES, n // 2 if index is None else index)
+        ok, frame = cap.read()
+    finally:
+        cap.release()
+    return frame if ok else None
 
 
 def annotate_videos(window_rows: pd.DataFrame, scored: pd.DataFrame, verdicts: pd.DataFrame,
@@ -121,7 +171,7 @@ def annotate_videos(window_rows: pd.DataFrame, scored: pd.DataFrame, verdicts: p
             passes = _track_passes(pd.read_parquet(logged.iloc[0]), rows, labelled)
         else:
             passes = [(pass_tracks(windows[p]), *labelled[p]) for p in labelled]
-        out = out_dir / f"{Path(video).stem}.avi"
+        out = out_dir / f"{Path(video).stem}.mp4"
         n = annotate_video(Path(video), out, passes)
         log.info("evaluate: annotated %s (%d frames, %d products) -> %s", video, n, len(labelled), out)
         written.append(out)

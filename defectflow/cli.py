@@ -56,7 +56,8 @@ def _summary(args) -> int:
     keys = ("image_auroc", "accuracy", "f1", "product_accuracy")
     shown = ", ".join(f"{k}={m[k]:.3f}" for k in keys if isinstance(m.get(k), (int, float)))
     print(f"metrics: {metrics}  ({shown})")
-    print(f"report:  {layout.REPORTS / 'report.html'}")
+    print(f"report:  {layout.REPORTS / 'report.html'}" + (f" and {layout.REPORTS / 'report.pdf'}"
+                                                            if (layout.REPORTS / "report.pdf").is_file() else ""))
     print(f"verdicts per product: {layout.REPORTS / 'verdicts.parquet'}")
     return 0
 

@@ -332,6 +332,12 @@ class EvaluateParams(_Strict):
     gradient_maps: bool = Field(False, description=(
         "image head gradient maps (DifferNet): |d score / d pixel| of the flagged products the report shows, "
         "beside the conv head's heat map (or alone without one); torch, about 0.1 s per image"))
+    line: str = Field("line-1", pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$", max_length=40, description=(
+        "production line name: the report title and the Prefect artifact keys (evaluate-<line>-summary, ...)"))
+    history: str = Field("data/history/runs.jsonl", min_length=1, description=(
+        "run history (one JSON line per evaluate / score run) that draws the report's defect-rate trend; "
+        "a relative path is taken from the folder that holds the reports folder (the project root)"))
+    pdf: bool = Field(True, description="also write report.pdf (WeasyPrint)")
 
 
 class MapsParams(_Strict):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,9 @@ from defectflow.config import Params
 from defectflow.errors import DefectflowError
 from defectflow.false_alarms import false_alarm_summary
 from defectflow.manifest import SCORES, SYNTH, VERDICTS, read_manifest, write_manifest
-from defectflow.report import hist_plot, roc_plot, write_report
+from defectflow.reporting.build import ReportInputs, build_report
+from defectflow.reporting.gallery import previous_run
+from defectflow.reporting.plots import confusion_table, hist_plot, pr_plot, pr_table, roc_plot
 from defectflow.scoring import HEADS, MODEL_FILE, product_verdicts, score_with_maps, select_rows
 from defectflow.stage import StageReport, logger, manifest_path, stage_run
 
@@ -250,20 +251,18 @@ def run(params: Params, inp: Path, model_dir: Path, threshold_path: Path, out_di
         op = (metrics["fpr"], metrics["recall"]) if metrics["fpr"] is not None and metrics["recall"] is not None else None
 
         files = {}
-        for name in ("metrics.json", "roc.csv", "scores_hist.csv", "scores.parquet", "verdicts.parquet",
-                     "boxes.parquet", "roc.png", "scores_hist.png", "report.html"):
+        for name in ("metrics.json", "roc.csv", "pr.csv", "confusion.csv", "scores_hist.csv", "scores.parquet",
+                     "verdicts.parquet", "boxes.parquet", "roc.png", "scores_hist.png"):
             files[name] = out.path(name)[0]
         boxes.astype(BOX_COLUMNS).to_parquet(files["boxes.parquet"], index=False)
         gradient = params.evaluate.gradient_maps and (Path(model_dir) / MODEL_FILE).is_file()
         if params.evaluate.gradient_maps and not gradient:
             metrics["notes"].append("no gradient maps: they need the image head (train.head: image or both)")
-        overlays, overlay_title = {}, ""
-        if amaps is not None or gradient:
-            overlays, overlay_title = report_overlays(scored, verdicts, amaps, boxes, conv_info, params,
-                                                      model_dir if gradient else None)
-        del amaps
         files["metrics.json"].write_text(json.dumps(metrics, indent=2) + "\n")
         roc.to_csv(files["roc.csv"], index=False)
+        pr = pr_table(scored["score"], scored["label"])
+        pr.to_csv(files["pr.csv"], index=False)
+        confusion_table(scored["label"], scored["pred_defect"]).to_csv(files["confusion.csv"], index=False)
         hist.to_csv(files["scores_hist.csv"], index=False)
         write_manifest(scored[[c for c in scored.columns if c in SCORES.names]], SCORES, files["scores.parquet"],
                        meta={"threshold": threshold})
@@ -282,14 +281,23 @@ def run(params: Params, inp: Path, model_dir: Path, threshold_path: Path, out_di
             window = df[(df["split"] == "test") & df["augment_of"].isna() & ~df["synthetic"].astype(bool)]
             videos = annotate_videos(window, scored, verdicts, threshold, out.tmp / "videos")
         notes = [thr_info["note"]] if thr_info.get("note") else []
-        if videos:
-            notes.append(f"annotated videos ({len(videos)}, boxes red = flagged by that camera, orange = flagged "
-                         f"by another camera, green = good): {', '.join('videos/' + v.name for v in videos)}")
         if thr_info.get("calibration"):
             notes.append(f"threshold calibration: {thr_info['calibration']}")
-        write_report(files["report.html"], metrics, verdicts, scored, threshold, str(thr_info.get("method_used")),
-                     roc_png, hist_png, max_images=params.evaluate.max_report_images, notes=notes,
-                     overlays=overlays, overlay_title=overlay_title)
+        plots = {"ROC curve": roc_png, "precision-recall": pr_plot(pr, (metrics["recall"], metrics["precision"])),
+                 "score histogram": hist_png}
+        splits = [{"split": str(k), "images": int(len(g)), "products": int(g["product_id"].nunique())}
+                  for k, g in df.groupby("split", sort=True)]
+        qa = build_report(ReportInputs(
+            kind="evaluate", line=params.evaluate.line, params=params, model_dir=Path(model_dir), data_manifest=src,
+            thr_info=thr_info, scored=scored, verdicts=verdicts, metrics=metrics, amaps=amaps, boxes=boxes,
+            plots=plots, videos=videos, notes=notes, splits=splits, previous=previous_run(out_dir),
+            history_file=history_path(params, out_dir), gradient_model=Path(model_dir) if gradient else None),
+            out.tmp, pdf=params.evaluate.pdf)
+        del amaps
+        files.update({n: out.tmp / n for n in ("report.html", "qa.json") + (("report.pdf",) if params.evaluate.pdf else ())})
+        if qa["families"] and qa["families"]["ari"] is not None:
+            report.notes.append(f"defect families: k = {qa['families']['k']}, adjusted Rand index "
+                                f"{qa['families']['ari']:.3f} against the true defect types")
         report.read += [str(src), str(model_dir), str(threshold_path)]
         report.wrote += [str(Path(out_dir) / n) for n in files]
         report.wrote += [str(Path(out_dir) / "videos" / v.name) for v in videos]
@@ -303,6 +311,12 @@ def run(params: Params, inp: Path, model_dir: Path, threshold_path: Path, out_di
                                 f"{metrics.get('n_flagged_images_with_box', 0)} flagged images")
         report.notes.extend(metrics["notes"])
     return report
+
+
+def history_path(params: Params, out_dir: Path) -> Path:
+    """``evaluate.history``; a relative one is taken from the folder holding ``out_dir``."""
+    p = Path(params.evaluate.history)
+    return p if p.is_absolute() else Path(out_dir).parent / p
 
 
 def _auroc_of(scores, labels) -> float | None:
@@ -363,48 +377,3 @@ def flagged_boxes(scored: pd.DataFrame, amaps: np.ndarray, map_thr: float, param
     if not rows:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in BOX_COLUMNS.items()})
     return pd.DataFrame(rows)[list(BOX_COLUMNS)]
-
-
-def report_overlays(scored: pd.DataFrame, verdicts: pd.DataFrame, amaps: np.ndarray | None, boxes: pd.DataFrame,
-                    conv_info: dict | None, params: Params, gradient_model: Path | None = None) -> tuple[dict, str]:
-    """(product_id -> base64 JPEG thumbnail, column title) for the flagged products the report shows,
-    over each product's highest-scoring image: the conv head's heat map + boxes (same colour range for
-    all: ``vmin``/``vmax`` of the threshold stage) and/or, given the model folder, the image head's
-    gradient map (:mod:`defectflow.gradient_maps`; colours per image), side by side."""
-    from defectflow.anomaly_maps import Box, draw_boxes, load_rgb, overlay
-    from defectflow.fsutil import ImageReadError
-    from defectflow.report import encode_thumb
-
-    flagged = verdicts[verdicts["verdict"] == "defect"].sort_values("max_score", ascending=False)
-    pos = {item: i for i, item in enumerate(scored["item_id"])}
-    shown = []
-    for pid in flagged["product_id"].head(params.evaluate.max_report_images):
-        rows = scored[scored["product_id"] == pid]
-        if rows.empty:
-            continue
-        rec = rows.loc[rows["score"].idxmax()]
-        try:
-            shown.append((pid, rec, load_rgb(rec["image_path"])))
-        except ImageReadError:
-            continue
-    grads = None
-    if gradient_model is not None and shown:
-        from defectflow.gradient_maps import gradient_maps
-        from defectflow.scoring import load_model
-        t0 = time.perf_counter()
-        grads = gradient_maps(load_model(gradient_model), [img for _, _, img in shown], params)
-        log.info("gradient maps of %d images in %.1f s", len(shown), time.perf_counter() - t0)
-    out = {}
-    for k, (pid, rec, img) in enumerate(shown):
-        tiles = []
-        if amaps is not None:
-            mine = boxes[boxes["item_id"] == rec["item_id"]]
-            bx = [Box(*(int(r[c]) for c in ("x0", "y0", "x1", "y1")), float(r["confidence"]), float(r["score_max"]),
-                      float(r["score_mean"]), int(r["area"])) for _, r in mine.iterrows()]
-            tiles.append(draw_boxes(overlay(img, amaps[pos[rec["item_id"]]], conv_info["vmin"], conv_info["vmax"]), bx))
-        if grads is not None:
-            g = grads[k]
-            tiles.append(overlay(img, g, float(np.quantile(g, 0.5)), float(g.max())))
-        out[str(pid)] = encode_thumb(np.hstack(tiles))
-    title = " | ".join(t for t, on in (("heat map + boxes", amaps is not None), ("gradient map", grads is not None)) if on)
-    return out, title

@@ -17,3 +17,4 @@ STAGE_DIRS = {
 THRESHOLD_FILE = MODELS / "threshold.json"
 VAL_SCORES_FILE = MODELS / "val_scores.parquet"
 EVALUATE_DIR = REPORTS
+HISTORY_FILE = DATA / "history" / "runs.jsonl"   # evaluate.history default: the report's trend

@@ -10,6 +10,9 @@ Video input is streamed in chunks of whole runs (``scale.score_chunk`` videos, i
 ``OUT/work/chunk-NNNN`` when there is more than one), each taken from frames to verdicts before
 the next, so memory does not grow with the number of videos; the per-item stages map their units
 through the task runner ``scale`` names (threads or Dask).
+Each chunk's score task also writes the report ``<chunk out>/report/report.html`` + ``report.pdf``
+(evaluate's without the label-based parts; ``OUT/report`` for one chunk) and publishes the Prefect
+artifacts ``score-<line>-summary``, ``-metrics``, ``-flagged``.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from defectflow import detect, frames, layout, masks, roi, scoring  # noqa: E402
+from defectflow import detect, frames, layout, masks, roi  # noqa: E402
 from defectflow.registry.store import champion_or_default  # noqa: E402
 from defectflow.evaluate import read_threshold  # noqa: E402
 from defectflow.config import load_params, params_from_dict  # noqa: E402
@@ -38,19 +41,25 @@ from tasks.units import mapper_for, task_runner  # noqa: E402
 
 @task(name="score-items")
 def score_task(params: dict, roi_dir: str, model_dir: str, threshold_file: str, out_dir: str) -> dict:
-    """Score the centre view of every product/camera and decide per product."""
-    df = read_manifest(manifest_path(roi_dir), ROI)
-    df = df[df.is_center].reset_index(drop=True)
-    df["synthetic"] = False
-    threshold = float(read_threshold(Path(threshold_file))["threshold"])
-    scored, verdicts = scoring.judge(df, model_dir, params_from_dict(params, "score params"), threshold)
+    """Score the centre view of every product/camera, decide per product, write the report, publish artifacts."""
+    from defectflow.reporting.score_run import score_and_report
+    from tasks.artifacts import publish_run
+
+    src = manifest_path(roi_dir)
+    df = read_manifest(src, ROI)
+    thr_info = read_threshold(Path(threshold_file))
+    p = params_from_dict(params, "score params")
     out = Path(out_dir)
-    write_manifest(scored, SCORES, out / "scores.parquet")
-    write_manifest(verdicts, VERDICTS, out / "verdicts.parquet", meta={"threshold": threshold})
+    scored, verdicts, qa, _ = score_and_report(p, df, Path(model_dir), thr_info, src, out / "report")
+    write_manifest(scored[[c for c in scored.columns if c in SCORES.names]], SCORES, out / "scores.parquet")
+    write_manifest(verdicts, VERDICTS, out / "verdicts.parquet", meta={"threshold": float(thr_info["threshold"])})
+    keys = publish_run(qa, None)
     n_bad = int((verdicts.verdict == "defect").sum())
-    get_run_logger().info("scored %d views of %d products: %d defective -> %s",
-                          len(scored), len(verdicts), n_bad, out / "verdicts.parquet")
-    return {"views": len(scored), "products": len(verdicts), "defective": n_bad}
+    get_run_logger().info("scored %d views of %d products: %d defective -> %s; report %s; artifacts %s",
+                          len(scored), len(verdicts), n_bad, out / "verdicts.parquet", out / "report/report.html",
+                          ", ".join(keys))
+    return {"views": len(scored), "products": len(verdicts), "defective": n_bad,
+            "report": str(out / "report" / "report.html"), "artifacts": keys}
 
 
 def _chunk(params, source: str, runs: list[str] | None, work: Path) -> dict[str, str]:

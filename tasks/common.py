@@ -21,12 +21,22 @@ def resolve_params(params: str | dict) -> Params:
     return params_from_dict(params, "params (dict)") if isinstance(params, dict) else load_params(params)
 
 
-def stage_task(name: str, run: Callable, retries: int = 2):
-    """Wrap ``run(params, *paths)`` of a library stage as a Prefect task named ``name``."""
+def stage_task(name: str, run: Callable, retries: int = 2, progress: bool = False,
+               after: Callable | None = None):
+    """Wrap ``run(params, *paths)`` of a library stage as a Prefect task named ``name``; ``progress``
+    publishes a progress artifact, ``after(params, *paths)`` runs once the stage succeeded."""
 
     @task(name=name, retries=retries, retry_delay_seconds=5, retry_condition_fn=transient_io)
     def _stage(params: str | dict, *paths: str) -> dict:
-        report = run(resolve_params(params), *(Path(p) for p in paths))
+        p = resolve_params(params)
+        if progress:
+            from tasks.artifacts import progress_artifact
+            with progress_artifact(name, p.evaluate.line):
+                report = run(p, *(Path(x) for x in paths))
+        else:
+            report = run(p, *(Path(x) for x in paths))
+        if after is not None:
+            after(p, *paths)
         return asdict(report)
 
     _stage.__doc__ = f"Run the {name} stage (defectflow.{name}.run)."

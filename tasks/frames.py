@@ -2,4 +2,4 @@
 from defectflow import frames
 from tasks.common import stage_task
 
-frames_task = stage_task("frames", frames.run)
+frames_task = stage_task("frames", frames.run, progress=True)

@@ -2,4 +2,4 @@
 from defectflow import train
 from tasks.common import stage_task
 
-train_task = stage_task("train", train.run)
+train_task = stage_task("train", train.run, progress=True)

@@ -29,7 +29,7 @@ def test_annotated_video_has_boxes_in_verdict_colours(tmp_path):
     scored = pd.DataFrame({"product_id": ["bad", "fine"], "camera": "cam0", "score": [2.0, 0.1]})
     verdicts = pd.DataFrame({"product_id": ["bad", "fine"], "verdict": ["defect", "good"]})
     out = annotate_videos(rows, scored, verdicts, threshold=1.0, out_dir=tmp_path / "videos")
-    assert [p.name for p in out] == ["run_cam0.avi"]
+    assert [p.name for p in out] == ["run_cam0.mp4"]
     cap = cv2.VideoCapture(str(out[0]))
     frames = []
     while True:
@@ -43,3 +43,19 @@ def test_annotated_video_has_boxes_in_verdict_colours(tmp_path):
     assert np.abs(f6[30, 12] - np.array(RED)).max() < 60
     assert np.abs(f6[30, 72] - np.array(GREEN)).max() < 60
     assert np.abs(frames[19].astype(int) - 128).max() < 20  # no box long after the pass
+
+
+def test_mp4_writer_is_h264_yuv420p_and_pads_odd_sizes(tmp_path):
+    import av
+
+    from defectflow.annotate import Mp4Writer
+
+    w = Mp4Writer(tmp_path / "odd.mp4", fps=12.5)
+    for i in range(6):
+        w.write(np.full((31, 45, 3), 40 * i, np.uint8))
+    w.close()
+    with av.open(str(tmp_path / "odd.mp4")) as c:
+        s = c.streams.video[0]
+        assert s.codec_context.name == "h264" and s.codec_context.pix_fmt == "yuv420p"
+        assert (s.codec_context.width, s.codec_context.height) == (46, 32)
+        assert sum(1 for _ in c.decode(video=0)) == 6

@@ -40,5 +40,10 @@ def test_dvc_paths_match_the_layout_the_flows_use():
 
 def test_metrics_and_plots_are_declared():
     assert DVC["metrics"] == ["reports/metrics.json"]
-    plots = {next(iter(p)) for p in DVC["plots"]}
-    assert {"reports/roc.csv", "reports/scores_hist.csv", "models/model/train_loss.csv"} <= plots
+    plots = {next(iter(p)): next(iter(p.values())) for p in DVC["plots"]}
+    assert "models/model/train_loss.csv" in plots
+    files = {name: set(spec["y"]) for name, spec in plots.items() if isinstance(spec, dict) and "y" in spec
+             and isinstance(spec["y"], dict)}
+    assert files["ROC"] == {"reports/roc.csv"} and files["precision-recall"] == {"reports/pr.csv"}
+    assert files["confusion"] == {"reports/confusion.csv"} and plots["confusion"]["template"] == "confusion"
+    assert files["score-histogram"] == {"reports/scores_hist.csv"}

@@ -278,7 +278,7 @@ def test_gradient_maps_explain_the_image_head(data, tmp_path):
                                "evaluate": {"bootstrap": 50, "gradient_maps": True}})
     _stages(params, inp, tmp_path)
     html = (tmp_path / "reports" / "report.html").read_text()
-    assert "<th>gradient map</th>" in html and 'anomaly map" src="data:image/jpeg;base64,' in html
+    assert ">gradient map</div>" in html and 'anomaly map" src="data:image/jpeg;base64,' in html
     test = read_manifest(inp / "manifest.parquet", SYNTH).query("split == 'test'")
     mapper = GradientMapper(load_model(tmp_path / "model"), params)
     images = np.stack([load_rgb(p, 64) for p in test.image_path])

@@ -151,6 +151,20 @@ def test_evaluate_writes_metrics_plots_and_report(pipeline):
     assert "data:image/png;base64," in html and "http" not in html
     assert "Operator bands" in html and "False alarms" in html and "too few" in html
     assert (rep / "roc.png").stat().st_size > 1000 and (rep / "scores_hist.png").is_file()
+    # QA's first screen, then the detail; the PDF of the same page; the run in the history
+    assert html.index("products inspected") < html.index("Flagged products") < html.index("Metrics (test images)")
+    qa = json.loads((rep / "qa.json").read_text())
+    assert qa["inspected"] == 8 and qa["passed"] + qa["review"] + qa["flagged"] == 8
+    assert qa["flagged"] == m["n_products_flagged"] and len(qa["flagged_products"]) == qa["flagged"]
+    assert qa["card"]["model_version"] and qa["card"]["params_hash"] and qa["card"]["data_hash"]
+    assert "Threshold policy and model card" in html and "Defect families" in html and "Split sizes" in html
+    assert (rep / "report.pdf").read_bytes()[:5] == b"%PDF-"
+    history = [json.loads(x) for x in (root / "data/history/runs.jsonl").read_text().splitlines()]
+    assert history[-1]["kind"] == "evaluate" and history[-1]["inspected"] == 8
+    pr = pd.read_csv(rep / "pr.csv")
+    assert list(pr.columns) == ["recall", "precision", "threshold"] and pr["precision"].between(0, 1).all()
+    conf = pd.read_csv(rep / "confusion.csv")
+    assert len(conf) == 8 and int(((conf.actual == "defect") & (conf.predicted == "defect")).sum()) == m["tp"]
 
 
 def test_same_seed_same_scores(pipeline, tmp_path):

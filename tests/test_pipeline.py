@@ -52,8 +52,8 @@ def test_dag_end_to_end_on_tiny_demo(tmp_path):
         assert verdicts.product_id.is_unique and set(verdicts.verdict) <= {"good", "defect"}
         assert (proj / "reports/report.html").stat().st_size > 1000
         test_videos = pd.read_csv(proj / "data/demo/videos.csv").query("split == 'test'")
-        annotated = sorted(p.name for p in (proj / "reports/videos").glob("*.avi"))
-        assert annotated == sorted(Path(v).stem + ".avi" for v in test_videos.video)
+        annotated = sorted(p.name for p in (proj / "reports/videos").glob("*.mp4"))
+        assert annotated == sorted(Path(v).stem + ".mp4" for v in test_videos.video)
         assert (proj / "models/model/model.pt").is_file()
 
         # nothing changed: nothing reruns
@@ -75,6 +75,11 @@ def test_dag_end_to_end_on_tiny_demo(tmp_path):
         scored = pd.read_parquet(proj / "data/score/verdicts.parquet")
         n_products = len(pd.read_csv(proj / "data/demo/passes.csv"))
         assert len(scored) == n_products and scored.n_cameras.eq(4).all()
+        score_qa = json.loads((proj / "data/score/report/qa.json").read_text())
+        assert score_qa["kind"] == "score" and score_qa["inspected"] == n_products
+        assert (proj / "data/score/report/report.pdf").is_file() and list((proj / "data/score/report/videos").glob("*.mp4"))
+        kinds = [json.loads(x)["kind"] for x in (proj / "data/history/runs.jsonl").read_text().splitlines()]
+        assert kinds[-1] == "score" and "evaluate" in kinds
         assert (proj / "models/model/model.pt").stat().st_mtime == model_mtime
 
 

@@ -154,7 +154,7 @@ def test_annotated_video_draws_every_track_with_its_id(streams, tmp_path):
     scored = pd.DataFrame({"product_id": pids, "camera": "belt", "score": [2.0] + [0.1] * (len(pids) - 1)})
     verdicts = pd.DataFrame({"product_id": pids, "verdict": ["defect"] + ["good"] * (len(pids) - 1)})
     out = annotate_videos(rows, scored, verdicts, threshold=1.0, out_dir=tmp_path / "videos")
-    assert [p.name for p in out] == ["train-dense-00_belt.avi"]
+    assert [p.name for p in out] == ["train-dense-00_belt.mp4"]
     cap = cv2.VideoCapture(str(out[0]))
     n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     assert n == int(cv2.VideoCapture(rows["video_path"].iloc[0]).get(cv2.CAP_PROP_FRAME_COUNT))

@@ -1,0 +1,91 @@
+"""The report's parts on small made-up inputs: QA counts, history, families, comparison, galleries."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from defectflow.reporting import families as fam
+from defectflow.reporting.gallery import comparison, false_alarms, missed_defects
+from defectflow.reporting.plots import confusion_table, pr_table
+from defectflow.reporting.summary import HistoryError, append_history, dispositions, history_entry, qa_summary
+
+
+def _verdicts():
+    return pd.DataFrame({"product_id": ["a", "b", "c", "d"], "run": ["r1", "r1", "r2", "r2"],
+                         "max_score": [0.1, 0.6, 2.0, 0.9], "verdict": ["good", "good", "defect", "defect"],
+                         "label": ["good", "good", "defect", "good"]})
+
+
+def test_dispositions_split_passed_review_flagged():
+    d = dispositions(_verdicts(), review_low=0.5)
+    assert list(d) == ["passed", "review", "flagged", "flagged"]
+    assert list(dispositions(_verdicts(), None)) == ["passed", "passed", "flagged", "flagged"]
+
+
+def test_qa_summary_counts_per_run_and_camera():
+    scored = pd.DataFrame({"product_id": ["a", "a", "b", "c", "c", "d"],
+                           "camera": ["c0", "c1", "c0", "c0", "c1", "c1"],
+                           "score": [0.1, 0.2, 0.6, 0.3, 2.0, 0.9]})
+    qa = qa_summary(_verdicts(), scored, threshold=0.8, review_low=0.5)
+    assert (qa["inspected"], qa["passed"], qa["review"], qa["flagged"]) == (4, 1, 1, 2)
+    assert qa["defect_rate"] == 0.5
+    assert {r["run"]: r["flagged"] for r in qa["per_run"]} == {"r1": 0, "r2": 2}
+    cams = {r["camera"]: r for r in qa["per_camera"]}
+    assert (cams["c0"]["inspected"], cams["c0"]["review"], cams["c0"]["flagged"]) == (3, 1, 0)
+    assert (cams["c1"]["inspected"], cams["c1"]["flagged"]) == (3, 2)
+
+
+def test_history_appends_and_names_a_bad_line(tmp_path):
+    path = tmp_path / "h" / "runs.jsonl"
+    qa = qa_summary(_verdicts(), pd.DataFrame(columns=["product_id", "camera", "score"]), 0.8, None)
+    runs = append_history(path, history_entry("evaluate", qa, model_version="m1"))
+    runs = append_history(path, history_entry("score", qa, model_version="m1"))
+    assert [r["kind"] for r in runs] == ["evaluate", "score"] and runs[1]["flagged"] == 2
+    assert len(path.read_text().splitlines()) == 2
+    path.write_text(path.read_text() + "{broken\n")
+    with pytest.raises(HistoryError, match=r"runs.jsonl:3"):
+        append_history(path, history_entry("score", qa, model_version="m1"))
+    assert len(path.read_text().splitlines()) == 3          # nothing written after the bad line was found
+
+
+def test_families_find_separated_groups_and_choose_k_by_silhouette():
+    rng = np.random.default_rng(0)
+    good = rng.normal(0, 1, (60, 20))
+    centres = rng.normal(0, 6, (3, 20))
+    truth = np.repeat([0, 1, 2], 8)
+    flagged = centres[truth] + rng.normal(0, 0.5, (24, 20))
+    res = fam.cluster_families(flagged, good, seed=0)
+    assert res.k == 3 and set(res.silhouettes) == set(range(2, 9))
+    assert fam.adjusted_rand(truth, res.labels) == pytest.approx(1.0)
+    assert res.xy.shape == (24, 2)
+    assert fam.cluster_families(flagged[:3], good) is None
+    assert fam.cluster_families(flagged, good, k=5, picture=False).k == 5
+
+
+def test_comparison_lists_changed_verdicts_and_skips_the_same_model():
+    v = _verdicts()
+    prev = {"metrics": {"image_auroc": 0.8}, "model_version": "old",
+            "verdicts": v.assign(verdict=["good", "defect", "defect", "good"])[["product_id", "verdict"]]}
+    c = comparison(prev, {"image_auroc": 0.9}, v, "new")
+    assert c["rows"][0] == {"name": "image_auroc", "before": 0.8, "after": 0.9}
+    assert sorted(x["product_id"] for x in c["changed"]) == ["b", "d"]
+    assert comparison(prev, {"image_auroc": 0.9}, v, "old") is None and comparison(None, {}, v, "x") is None
+
+
+def test_galleries_order_false_alarms_and_misses(tmp_path):
+    scored = pd.DataFrame({"product_id": list("abcd"), "camera": "c0", "image_path": str(tmp_path / "none.png"),
+                           "label": ["good", "good", "defect", "defect"], "defect_type": [None, None, "x", "y"],
+                           "score": [3.0, 5.0, 0.5, 0.2], "pred_defect": [True, True, False, False]})
+    assert [t["product_id"] for t in false_alarms(scored, 5)] == ["b", "a"]
+    assert [t["product_id"] for t in missed_defects(scored, 1)] == ["d"]
+    assert false_alarms(scored, 5)[0]["img"] is None          # unreadable image: no thumbnail, no crash
+
+
+def test_pr_and_confusion_tables():
+    labels = ["good", "good", "defect", "defect", "unknown"]
+    pr = pr_table([0.1, 0.4, 0.35, 0.8, 9.0], labels)
+    assert pr["precision"].iloc[-1] == 1.0 and pr["recall"].max() == 1.0
+    conf = confusion_table(labels, [False, True, True, True, True])
+    assert len(conf) == 4 and json.loads(conf.to_json(orient="records"))[1] == {"actual": "good", "predicted": "defect"}
+    assert pr_table([0.1, 0.2], ["good", "good"]).empty
