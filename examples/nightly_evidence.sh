@@ -1,8 +1,13 @@
 #!/bin/bash
-# Three nightly runs on the tiny demo in a clone of branch nightly (evidence for issue 13).
+# Three nightly runs on the tiny demo in a scratch clone of this checkout's branch (evidence for issue 13):
+#   examples/nightly_evidence.sh > evidence.out      (VENV=path/to/.venv to use another virtualenv)
+# Writes /tmp/nd (the clone: run*.log, overlap_*.log, registry/), /tmp/nd_seed1, /tmp/nd_seed2.
 set -u
-rm -rf /tmp/nd /tmp/nd_seed1 /tmp/nd_seed2 && git clone -q -b nightly /work/wt-nightly /tmp/nd && cd /tmp/nd
-export PATH=/work/main/.venv/bin:$PATH PYTHONPATH=/tmp/nd DVC_NO_ANALYTICS=1 DO_NOT_TRACK=1 \
+REPO=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
+VENV=$(cd "${VENV:-$REPO/.venv}" && pwd)
+BRANCH=$(git -C "$REPO" rev-parse --abbrev-ref HEAD)
+rm -rf /tmp/nd /tmp/nd_seed1 /tmp/nd_seed2 && git clone -q -b "$BRANCH" "$REPO" /tmp/nd && cd /tmp/nd
+export PATH=$VENV/bin:$PATH PYTHONPATH=/tmp/nd DVC_NO_ANALYTICS=1 DO_NOT_TRACK=1 \
        PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true
 unset PREFECT_API_URL
 sed -i 's/^  demo_size: small /  demo_size: tiny  /' params.yaml
