@@ -220,5 +220,5 @@ def champion_or_default(params, model_dir: Path, threshold_file: Path, log) -> t
         log.warning("no champion in %s: using %s and %s (run the nightly gate or `defectflow gate`)",
                     params.registry.path, model_dir, threshold_file)
         return model_dir, threshold_file
-    log.info("scoring with the champion, version %d (%s)", found[2], found[0])
+    log.info("using the champion, version %d (%s)", found[2], found[0])
     return found[0], found[1]
