@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     src = Path("demo")
     if not (src / "videos.csv").exists():
         demo.generate(src, size=args.size, seed=0)
-    videos = pd.read_csv(src / "videos.csv")
+    every = src / "videos_all.csv"                       # the full list, kept aside (a rerun restores it)
+    if not every.exists():
+        shutil.copy(src / "videos.csv", every)
+    videos = pd.read_csv(every)
     params = Params.model_validate({"source": {"kind": "videos", "path": str(src)}, "scale": {"unit_cache": True}})
     videos.iloc[:-args.new].to_csv(src / "videos.csv", index=False)
     run_all(params, src, Path("work"))                                   # before: caches filled

@@ -39,15 +39,21 @@ PEAK = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
 
 
 def repeat_source(src: Path, dst: Path, times: int) -> Path:
-    """``src``'s videos listed ``times`` times under new run names (the files are not copied)."""
-    dst.mkdir(parents=True, exist_ok=True)
+    """``src``'s videos listed ``times`` times under new run names (symbolic links, not copies)."""
+    (dst / "videos").mkdir(parents=True, exist_ok=True)
     videos, passes = pd.read_csv(src / "videos.csv"), pd.read_csv(src / "passes.csv")
     vs, ps = [], []
     for k in range(times):
         v, p = videos.copy(), passes.copy()
         v["run"], p["run"] = v["run"] + f"-x{k}", p["run"] + f"-x{k}"
         p["product_id"] = p["product_id"] + f"-x{k}"
-        v["video"] = [str((src / x).resolve()) for x in videos["video"]]
+        names = []
+        for x in videos["video"]:
+            link = dst / "videos" / f"x{k}_{Path(x).name}"
+            if not link.exists():
+                link.symlink_to((src / x).resolve())
+            names.append(f"videos/{link.name}")
+        v["video"] = names
         vs.append(v)
         ps.append(p)
     pd.concat(vs).to_csv(dst / "videos.csv", index=False)

@@ -431,3 +431,20 @@ def test_train_image_size_auto_is_resolved_and_recorded_with_the_model(tmp_path)
     assert card["features"]["image_size"] == 224           # 80 px images: the floor of auto
     got = score_items(df[df.split == "test"], tmp_path / "model", params)
     assert len(got) == 2 and got["score"].notna().all()
+
+
+def test_score_run_report_has_no_label_based_parts(pipeline, tmp_path):
+    from defectflow.reporting.score_run import score_and_report
+
+    root, inp, params = pipeline
+    df = read_manifest(inp / "manifest.parquet", SYNTH)
+    new = df[df.split == "test"].assign(label="unknown", defect_type=None)
+    thr = json.loads((root / "threshold.json").read_text())
+    scored, verdicts, qa, _ = score_and_report(params, new, root / "model", thr, inp / "manifest.parquet",
+                                               tmp_path / "report", history_file=tmp_path / "runs.jsonl")
+    assert qa["kind"] == "score" and qa["inspected"] == len(verdicts) == 8
+    assert qa["flagged"] == int((verdicts.verdict == "defect").sum())
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "products inspected" in html and "Metrics (test images)" not in html and "Worst false alarms" not in html
+    assert (tmp_path / "report" / "report.pdf").is_file()
+    assert json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])["kind"] == "score"
