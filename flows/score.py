@@ -6,13 +6,13 @@ Runs frames -> detect -> masks -> roi on the new input (into ``OUT/work``), scor
 every product view with the registry's champion (``models/model`` and ``models/threshold.json``
 with a warning while the registry has none), and writes
 ``OUT/scores.parquet`` and ``OUT/verdicts.parquet`` (defective if any camera flags it).
-Video input is streamed in chunks of whole runs (``scale.score_chunk`` videos, into
-``OUT/work/chunk-NNNN`` when there is more than one), each taken from frames to verdicts before
-the next, so memory does not grow with the number of videos; the per-item stages map their units
-through the task runner ``scale`` names (threads or Dask).
-Each chunk's score task also writes the report ``<chunk out>/report/report.html`` + ``report.pdf``
-(evaluate's without the label-based parts; ``OUT/report`` for one chunk) and publishes the Prefect
-artifacts ``score-<line>-summary``, ``-metrics``, ``-flagged``.
+Video input is streamed through frames..roi in chunks of whole runs (``scale.score_chunk`` videos,
+into ``OUT/work/chunk-NNNN`` when there is more than one), so decoded frames never pile up with the
+number of videos; the per-item stages map their units through the task runner ``scale`` names
+(threads or Dask). The centre views of every chunk are then scored together, into one report
+``OUT/report/report.html`` + ``report.pdf`` (evaluate's without the label-based parts) and the Prefect
+artifacts ``score-<line>-summary``, ``-metrics``, ``-flagged`` (the report holds the views' maps: its
+memory grows with the views scored, about 30 kB a view on the map grid).
 """
 from __future__ import annotations
 
@@ -33,20 +33,22 @@ from defectflow import detect, frames, layout, masks, roi  # noqa: E402
 from defectflow.registry.store import champion_or_default  # noqa: E402
 from defectflow.evaluate import read_threshold  # noqa: E402
 from defectflow.config import load_params, params_from_dict  # noqa: E402
-from defectflow.manifest import ROI, SCORES, VERDICTS, read_manifest, read_meta, write_manifest  # noqa: E402
+from defectflow.manifest import ROI, SCORES, VERDICTS, read_manifest, write_manifest  # noqa: E402
 from defectflow.stage import manifest_path  # noqa: E402
 from defectflow.units.chunks import run_chunks  # noqa: E402
 from tasks.units import mapper_for, task_runner  # noqa: E402
 
 
 @task(name="score-items")
-def score_task(params: dict, roi_dir: str, model_dir: str, threshold_file: str, out_dir: str) -> dict:
-    """Score the centre view of every product/camera, decide per product, write the report, publish artifacts."""
+def score_task(params: dict, roi_dirs: list[str], model_dir: str, threshold_file: str, out_dir: str) -> dict:
+    """Score the centre view of every product/camera of the chunks' roi outputs, decide per product, write
+    one report, publish artifacts."""
     from defectflow.reporting.score_run import score_and_report
     from tasks.artifacts import publish_run
 
-    src = manifest_path(roi_dir)
-    df = read_manifest(src, ROI)
+    srcs = [manifest_path(d) for d in roi_dirs]
+    df = pd.concat([read_manifest(s, ROI) for s in srcs], ignore_index=True)
+    src = srcs[0]
     thr_info = read_threshold(Path(threshold_file))
     p = params_from_dict(params, "score params")
     out = Path(out_dir)
@@ -86,29 +88,12 @@ def score(source: str, kind: str = "videos", out: str = "data/score",
         params, layout.STAGE_DIRS["train"], layout.THRESHOLD_FILE, get_run_logger())
     model, threshold = str(model_dir), str(threshold_file)
     if len(chunks) == 1:
-        dirs = _chunk(params, source, None, work)
-        return score_task(base, dirs["roi"], model, threshold, out)
-    parts = []
+        return score_task(base, [_chunk(params, source, None, work)["roi"]], model, threshold, out)
+    roi_dirs = []
     for k, runs in enumerate(chunks):
         get_run_logger().info("chunk %d/%d: runs %s", k + 1, len(chunks), ", ".join(runs))
-        part = work / f"chunk-{k:04d}"
-        dirs = _chunk(params, source, runs, part)
-        score_task(base, dirs["roi"], model, threshold, str(part))
-        parts.append(part)
-    return _join_chunks(parts, Path(out))
-
-
-def _join_chunks(parts: list[Path], out: Path) -> dict:
-    """The chunks' scores and verdicts as one scores.parquet and verdicts.parquet (rows only in memory)."""
-    scored = pd.concat([read_manifest(p / "scores.parquet", SCORES) for p in parts], ignore_index=True)
-    verdicts = pd.concat([read_manifest(p / "verdicts.parquet", VERDICTS) for p in parts], ignore_index=True)
-    threshold = read_meta(parts[0] / "verdicts.parquet").get("threshold")
-    write_manifest(scored, SCORES, out / "scores.parquet")
-    write_manifest(verdicts, VERDICTS, out / "verdicts.parquet", meta={"threshold": threshold})
-    n_bad = int((verdicts.verdict == "defect").sum())
-    get_run_logger().info("scored %d views of %d products in %d chunks: %d defective -> %s",
-                          len(scored), len(verdicts), len(parts), n_bad, out / "verdicts.parquet")
-    return {"views": len(scored), "products": len(verdicts), "defective": n_bad, "chunks": len(parts)}
+        roi_dirs.append(_chunk(params, source, runs, work / f"chunk-{k:04d}")["roi"])
+    return {**score_task(base, roi_dirs, model, threshold, out), "chunks": len(roi_dirs)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,3 +89,26 @@ def test_pr_and_confusion_tables():
     conf = confusion_table(labels, [False, True, True, True, True])
     assert len(conf) == 4 and json.loads(conf.to_json(orient="records"))[1] == {"actual": "good", "predicted": "defect"}
     assert pr_table([0.1, 0.2], ["good", "good"]).empty
+
+
+def test_product_tiles_show_every_camera_crop_in_its_colours(tmp_path):
+    import base64
+
+    import cv2
+
+    from defectflow.config import params_from_dict
+    from defectflow.reporting.overlays import product_tiles
+
+    rows = []
+    for cam, value, score in (("cam1", 200, 0.3), ("cam0", 90, 2.0)):
+        path = tmp_path / f"{cam}.png"
+        cv2.imwrite(str(path), np.full((30, 30, 3), value, np.uint8))
+        rows.append({"item_id": cam, "product_id": "p1", "camera": cam, "image_path": str(path), "score": score,
+                     "pred_defect": score >= 1.0})
+    verdicts = pd.DataFrame({"product_id": ["p1"], "max_score": [2.0], "verdict": ["defect"]})
+    tiles, _ = product_tiles(pd.DataFrame(rows), verdicts, None, pd.DataFrame(columns=["item_id"]), None,
+                             params_from_dict({}))
+    assert [t["camera"] for t in tiles["p1"]] == ["cam0", "cam1"] and [t["flagged"] for t in tiles["p1"]] == [True, False]
+    means = [cv2.imdecode(np.frombuffer(base64.b64decode(t["crop"]), np.uint8), cv2.IMREAD_COLOR).mean()
+             for t in tiles["p1"]]
+    assert abs(means[0] - 90) < 3 and abs(means[1] - 200) < 3

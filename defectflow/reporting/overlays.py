@@ -61,7 +61,7 @@ def product_tiles(scored: pd.DataFrame, verdicts: pd.DataFrame, amaps: np.ndarra
         from defectflow.anomaly_maps import Box, draw_boxes, load_rgb, overlay
     else:                                                   # crops only: no torch import
         def load_rgb(path):
-            return cv2.cvtColor(read_image(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+            return read_image(path, cv2.IMREAD_COLOR)           # only checked for readability here
 
     views = camera_views(scored, flagged_ids(verdicts, params.evaluate.max_report_images))
     pos = {item: i for i, item in enumerate(scored["item_id"])}
@@ -85,7 +85,7 @@ def product_tiles(scored: pd.DataFrame, verdicts: pd.DataFrame, amaps: np.ndarra
         tile = {"camera": str(rec["camera"]), "score": float(rec["score"]), "flagged": bool(rec.get("pred_defect")),
                 "crop": None, "overlay": None}
         if img is not None:
-            tile["crop"] = encode_thumb(cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+            tile["crop"] = thumbnail(rec["image_path"])
             tiles = []
             if amaps is not None and rec["item_id"] in pos:
                 mine = boxes[boxes["item_id"] == rec["item_id"]]
