@@ -188,7 +188,7 @@ class SynthParams(_Strict):
     enabled: bool = True
     source: Literal["roi", "augment"] = "roi"
     size: Literal[16, 32, 64, 128, 256] = 64
-    minutes: float | None = Field(0.5, gt=0.0, le=24 * 60)
+    minutes: float | None = Field(0.3, gt=0.0, le=24 * 60)
     kimg: float | None = Field(None, gt=0.0, le=100000)
     batch: int = Field(16, ge=2, le=256)
     lr: float = Field(0.0025, gt=0.0, le=0.1)
@@ -202,7 +202,7 @@ class SynthParams(_Strict):
     threads: int = Field(1, ge=1, le=64)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     warm_start: bool = True
-    quality_evals: int = Field(3, ge=1, le=100)
+    quality_evals: int = Field(1, ge=1, le=100)
 
     @model_validator(mode="after")
     def _has_budget(self):

@@ -67,7 +67,8 @@ def pick_device(device: str) -> str:
 def fit(reals: torch.Tensor, heldout: torch.Tensor | None, net: NetConfig, cfg: TrainConfig, *,
         minutes: float | None, max_kimg: float | None, checkpoint: Path, seed: int = 0, device: str = "cpu",
         resume: bool = False, warm_start: Path | None = None, evals: int = 5,
-        features: FeatureModel | None = None, threads: int = 1) -> FitResult:
+        features: FeatureModel | None = None, threads: int = 1,
+        eval_samples: int = EVAL_SAMPLES) -> FitResult:
     """Train on ``reals`` until ``minutes`` of training-step time or ``max_kimg`` thousand images (the first reached).
 
     With ``heldout`` reals (and ``features``), KID/FID of EMA samples against them are measured at
@@ -92,14 +93,19 @@ def fit(reals: torch.Tensor, heldout: torch.Tensor | None, net: NetConfig, cfg: 
 
     real_feats = None
     if heldout is not None and features is not None and len(heldout) >= 2:
-        real_feats = features(heldout)
-        all_feats = np.concatenate([features(reals), real_feats])
-        result.kid_real_halves = real_halves_kid(all_feats, seed)
+        raw_held = features(heldout)
+        raw_all = np.concatenate([features(reals), raw_held])
+        # one global scale so that x.x / d is about 1 for the reals (as for Inception features): the
+        # cubic KID kernel is not scale-invariant, and raw pooled maps made it explode
+        scale = np.sqrt(np.square(raw_all).sum(1).mean() / raw_all.shape[1])
+        scaled = lambda f: f / scale  # noqa: E731
+        real_feats = scaled(raw_held)
+        result.kid_real_halves = real_halves_kid(scaled(raw_all), seed)
 
     def evaluate(seconds: float) -> None:
         row = {"kimg": kimg(trainer.nimg), "seconds": round(seconds, 1), "p": round(trainer.ada.p, 4)}
         if real_feats is not None:
-            fake_feats = features(trainer.sample(EVAL_SAMPLES, seed=EVAL_SEED))
+            fake_feats = scaled(features(trainer.sample(eval_samples, seed=EVAL_SEED)))
             row.update(kid=kid(fake_feats, real_feats), fid=fid(fake_feats, real_feats))
             log.info("synth: %.2f kimg, %.0f s: KID %.4f FID %.2f p %.3f", row["kimg"], seconds, row["kid"],
                      row["fid"], row["p"])

@@ -3,6 +3,7 @@
 Features are the pooled EfficientNet-Lite0 maps (:class:`defectflow.onnx_backbone.OnnxBackbone`) of
 images resized to ``FEATURE_SIZE``. KID is the unbiased squared MMD with the cubic polynomial kernel
 k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018); FID the Frechet distance of Gaussian fits. The
+features are divided by one scale from the reals (:func:`defectflow.synth.fit.fit`), and the
 values are on this backbone's scale, so compare them with each other and with the floor
 ``kid_real_halves`` (two halves of the real goods), not with published Inception figures.
 """

@@ -35,6 +35,7 @@ from defectflow.synth.trainer import TrainConfig
 
 CHECKPOINT = "generator.pt"
 MIN_TRAIN = 2
+EVAL_SAMPLES = 128   # samples per KID / FID evaluation in the stage (bench/synth.py: 256)
 log = logger("synth")
 
 
@@ -77,7 +78,8 @@ def run(params: Params, inp: Path, out_dir: Path) -> StageReport:
     with stage_run("synth", out_dir) as (out, report):
         ckpt, _ = out.path(CHECKPOINT)
         res = fit(reals, heldout, net, cfg, minutes=sp.minutes, max_kimg=sp.kimg, checkpoint=ckpt, seed=params.seed,
-                  device=device, warm_start=warm, evals=sp.quality_evals, features=features, threads=sp.threads)
+                  device=device, warm_start=warm, evals=sp.quality_evals, features=features, threads=sp.threads,
+                  eval_samples=EVAL_SAMPLES)
         seeds = image_seeds(params.seed, sp.n_images)
         tmp_samples, rec_samples = out.path("samples")
         paths = save_samples(res.trainer.g_ema, seeds, sp.psi, tmp_samples)
