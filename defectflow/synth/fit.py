@@ -26,6 +26,7 @@ from defectflow.synth.trainer import CheckpointError, TrainConfig, Trainer, kimg
 log = logging.getLogger("defectflow.synth")
 EVAL_SAMPLES = 256
 EVAL_SEED = 12345
+MAX_FEATURE_IMAGES = 256   # real images per set whose features KID uses (a seeded subset beyond that)
 
 
 @dataclass
@@ -93,8 +94,10 @@ def fit(reals: torch.Tensor, heldout: torch.Tensor | None, net: NetConfig, cfg: 
 
     real_feats = None
     if heldout is not None and features is not None and len(heldout) >= 2:
-        raw_held = features(heldout)
-        raw_all = np.concatenate([features(reals), raw_held])
+        pick = np.random.default_rng(seed)
+        cap = lambda x: x[np.sort(pick.permutation(len(x))[:MAX_FEATURE_IMAGES])] if len(x) > MAX_FEATURE_IMAGES else x  # noqa: E731
+        raw_held = features(cap(heldout))
+        raw_all = np.concatenate([features(cap(reals)), raw_held])
         # one global scale so that x.x / d is about 1 for the reals (as for Inception features): the
         # cubic KID kernel is not scale-invariant, and raw pooled maps made it explode
         scale = np.sqrt(np.square(raw_all).sum(1).mean() / raw_all.shape[1])
