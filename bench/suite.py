@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -174,13 +175,16 @@ def speed(params, items, model_dir: Path, n: int = 64) -> dict:
             "score_vs_backbone": round(best["backbone"] / best["score"], 3)}
 
 
-def run_model_stages(params, work: Path):
+def run_model_stages(params, work: Path, extra_rows=None):
     """train -> threshold -> evaluate on the ``images`` source of ``params`` through the library stages, under
-    ``work`` (``synth/``, ``model/``, ``threshold.json``, ``reports/``): (the items, train seconds)."""
+    ``work`` (``synth/``, ``model/``, ``threshold.json``, ``reports/``): (the items, train seconds).
+    ``extra_rows`` (a DataFrame of SYNTH rows, e.g. synthetic train goods) join the manifest."""
     work.mkdir(parents=True, exist_ok=True)
     items = load_items(params)
     items["is_center"] = True
     items["synthetic"] = False
+    if extra_rows is not None and len(extra_rows):
+        items = pd.concat([items, extra_rows], ignore_index=True)
     inp = work / "synth"
     write_manifest(items, SYNTH, inp / "manifest.parquet")
     t0 = time.perf_counter()

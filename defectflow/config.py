@@ -184,8 +184,31 @@ class AugmentParams(_Strict):
 
 
 class SynthParams(_Strict):
-    enabled: bool = False
-    n_images: int = Field(0, ge=0, le=100000)
+    """StyleGAN2-ADA synthetic normals (``defectflow/synth/``): generator training budget, samples, use."""
+    enabled: bool = True
+    source: Literal["roi", "augment"] = "roi"
+    size: Literal[16, 32, 64, 128, 256] = 64
+    minutes: float | None = Field(0.3, gt=0.0, le=24 * 60)
+    kimg: float | None = Field(None, gt=0.0, le=100000)
+    batch: int = Field(16, ge=2, le=256)
+    lr: float = Field(0.0025, gt=0.0, le=0.1)
+    ema_kimg: float = Field(2.0, gt=0.0, le=100.0)
+    ada_kimg: float = Field(20.0, gt=0.0, le=1000.0)
+    channel_base: int = Field(1024, ge=64, le=32768)
+    channel_max: int = Field(128, ge=8, le=512)
+    n_images: int = Field(64, ge=0, le=100000)
+    psi: float = Field(1.0, ge=0.0, le=1.0)
+    use_in_training: bool = False
+    threads: int = Field(1, ge=1, le=64)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    warm_start: bool = True
+    quality_evals: int = Field(1, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _has_budget(self):
+        if self.minutes is None and self.kimg is None:
+            raise ValueError("synth: set minutes and/or kimg (the training budget)")
+        return self
 
 
 class ConvHeadParams(_Strict):

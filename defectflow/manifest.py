@@ -111,6 +111,8 @@ AUGMENT = ROI.extend(
 SYNTH = AUGMENT.extend(
     "synth",
     _c("synthetic", B, True, "made by the generator"),
+    _c("synth_seed", I, False, "synthetic rows: the seed of its z and noise (defectflow.synth.samples)"),
+    _c("synth_psi", F, False, "synthetic rows: the truncation psi it was sampled at"),
 )
 
 SCORES = SYNTH.extend(

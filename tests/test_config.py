@@ -12,10 +12,10 @@ def test_project_params_load_with_expected_defaults():
     assert p.masks.shrink == pytest.approx(0.10)
     assert p.train.backbone == "efficientnet_lite0"
     assert p.threshold.method == "target_fpr" and p.threshold.target_fpr == 0.05
-    assert p.synth.enabled is False
     assert p.gate.max_auroc_drop == 0.02 and p.gate.max_far_increase == 0.02
     assert p.registry.keep == 10 and p.nightly.lock == ".nightly.lock" and p.ingest.inbox == "data/inbox"
     assert p.scale.runner == "threads" and p.scale.unit_cache is True and p.scale.on_unit_error == "stop"
+    assert p.synth.enabled is True and p.synth.use_in_training is False and p.synth.size == 64
 
 
 def test_unknown_key_names_the_key(tmp_path):
