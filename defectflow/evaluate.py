@@ -34,7 +34,7 @@ from defectflow.false_alarms import false_alarm_summary
 from defectflow.manifest import SCORES, SYNTH, VERDICTS, read_manifest, write_manifest
 from defectflow.reporting.build import ReportInputs, build_report
 from defectflow.reporting.gallery import previous_run
-from defectflow.reporting.plots import confusion_table, hist_plot, pr_plot, pr_table, roc_plot
+from defectflow.reporting.plots import confusion_table, hist_plot, labelled, pr_plot, pr_table, roc_plot
 from defectflow.scoring import HEADS, MODEL_FILE, product_verdicts, score_with_maps, select_rows
 from defectflow.stage import StageReport, logger, manifest_path, stage_run
 
@@ -150,13 +150,11 @@ def product_metrics(verdicts: pd.DataFrame) -> dict:
 
 
 def roc_table(scores, labels) -> pd.DataFrame:
-    s = np.asarray(scores, np.float64)
-    lab = np.asarray(labels, dtype=object)
-    known = np.isin(lab, ["good", "defect"])
-    y = lab[known] == "defect"
-    if not 0 < y.sum() < len(y):
+    """``fpr,tpr,threshold`` over the labelled images (empty with one class)."""
+    both = labelled(scores, labels)
+    if both is None:
         return pd.DataFrame(columns=["fpr", "tpr", "threshold"])
-    fpr, tpr, thr = roc_curve(y, s[known])
+    fpr, tpr, thr = roc_curve(*both)
     thr = np.where(np.isfinite(thr), thr, np.nan)          # sklearn's first point is +inf
     return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thr})
 

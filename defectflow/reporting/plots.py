@@ -25,17 +25,23 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def pr_table(scores, labels) -> pd.DataFrame:
-    """``recall,precision,threshold`` over the labelled images (empty with one class)."""
-    from sklearn.metrics import precision_recall_curve
-
+def labelled(scores, labels) -> tuple[np.ndarray, np.ndarray] | None:
+    """(is defect, score) of the images labelled good or defect; None unless both classes are there."""
     s = np.asarray(scores, np.float64)
     lab = np.asarray(labels, dtype=object)
     known = np.isin(lab, ["good", "defect"])
     y = lab[known] == "defect"
-    if not 0 < y.sum() < len(y):
+    return (y, s[known]) if 0 < y.sum() < len(y) else None
+
+
+def pr_table(scores, labels) -> pd.DataFrame:
+    """``recall,precision,threshold`` over the labelled images (empty with one class)."""
+    from sklearn.metrics import precision_recall_curve
+
+    both = labelled(scores, labels)
+    if both is None:
         return pd.DataFrame(columns=["recall", "precision", "threshold"])
-    p, r, t = precision_recall_curve(y, s[known])
+    p, r, t = precision_recall_curve(*both)
     return pd.DataFrame({"recall": r[:-1], "precision": p[:-1], "threshold": t})
 
 
