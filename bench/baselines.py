@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from defectflow.density.memory import greedy_kcenter
+
 PROJECTION_DIM = 128
 CHUNK = 16384
 
@@ -57,17 +59,8 @@ def greedy_coreset(x: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     keep = []
     for start in range(0, n, CHUNK):
         idx = order[start:start + CHUNK]
-        p = proj[idx]
         k = max(1, int(round(fraction * len(idx))))
-        p_sq = (p * p).sum(1)
-        first = int(rng.integers(len(idx)))
-        mind = p_sq - 2.0 * (p @ p[first]) + p_sq[first]
-        chosen = [first]
-        for _ in range(k - 1):
-            j = int(np.argmax(mind))
-            chosen.append(j)
-            np.minimum(mind, p_sq - 2.0 * (p @ p[j]) + p_sq[j], out=mind)
-        keep.append(idx[chosen])
+        keep.append(idx[greedy_kcenter(proj[idx], k, rng)])
     return np.sort(np.concatenate(keep))
 
 

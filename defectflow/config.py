@@ -234,6 +234,9 @@ class ConvHeadParams(_Strict):
     batch_size: int = Field(16, ge=1, le=4096, description="images per step (each gives h * w positions)")
     lr: float = Field(2e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(1e-5, ge=0.0, le=1.0)
+    memory: int = Field(4096, ge=0, le=262144, description=(
+        "patches in the memory of normal patches (greedy coreset of the training patches) that verifies the "
+        "map's highest cells (maps.verify_cells); 0 = off: the conv image score is the map's maximum"))
 
     @model_validator(mode="after")
     def _conv_ok(self):
@@ -262,8 +265,10 @@ class TrainParams(_Strict):
     head: Literal["image", "conv", "both"] = Field("both", description=(
         "image: DifferNet-style pooled-feature head; conv: fully convolutional head (maps, boxes); both"))
     score_from: Literal["image", "conv", "fused"] = Field("fused", description=(
-        "head both: the image score that is thresholded: one head's, or fused = mean of both heads' scores, "
-        "each standardised on good validation images (a single head scores alone)"))
+        "head both: the image score that is thresholded: one head's, or fused = weighted mean of both heads' "
+        "scores, each standardised on good validation images (a single head scores alone)"))
+    image_weight: float = Field(0.3, ge=0.0, le=1.0, description=(
+        "score_from fused: the image head's weight (the conv head's is 1 - it), recorded in fusion.json"))
     conv: ConvHeadParams = ConvHeadParams()
     backbone: Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "squeezenet1_1", "alexnet",
                       "wide_resnet50_2", "resnet18"] = "efficientnet_lite0"
@@ -370,6 +375,9 @@ class MapsParams(_Strict):
     border: int = Field(1, ge=0, le=8, description=(
         "cells at each edge left out of the conv image score (zero-padding artefacts of the backbone); 0 = none"))
     top_fraction: float = Field(0.01, gt=0.0, le=1.0, description="score topk: share of the highest pixels averaged")
+    verify_cells: int = Field(16, ge=1, le=4096, description=(
+        "with a patch memory (train.conv.memory): the conv image score is the largest distance to the memory "
+        "over this many highest cells of the map (without the border cells)"))
     min_area: float = Field(0.001, gt=0.0, description="smallest box region: fraction of the map (< 1) or pixels (>= 1)")
     confidence: Literal["max", "mean"] = Field("max", description="box confidence: max or mean of the map inside")
 

@@ -1,6 +1,7 @@
 """The conv head on disk: ``conv.pt`` (fully convolutional density model on unpooled backbone maps,
-:mod:`defectflow.density.conv`) and its ONNX graph ``conv.onnx``; per-position NLL -> anomaly maps
-(:mod:`defectflow.anomaly_maps`) and the image score from the map's cells."""
+:mod:`defectflow.density.conv`), its ONNX graph ``conv.onnx`` and its patch memory ``memory.npy``
+(:mod:`defectflow.density.memory`); per-position NLL -> anomaly maps (:mod:`defectflow.anomaly_maps`)
+and the image score: the memory's distance at the map's highest cells, or (no memory) the map's maximum."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import numpy as np
 
 from defectflow.config import Params
 from defectflow.features import iter_decoded
-from defectflow.model_files import CONV_FILE, CONV_HEAD_FILE, ModelError, head_session
+from defectflow.model_files import CONV_FILE, CONV_HEAD_FILE, MEMORY_FILE, ModelError, head_session
 
 
 def map_extractor(features: dict, params: Params):
@@ -54,6 +55,7 @@ class ConvHead:
     model: object                       # defectflow.density.conv.ConvFlow
     meta: dict
     path: Path
+    memory: object = None               # defectflow.density.memory.PatchMemory, or None
     _fx: object = None
     _session: object = None
 
@@ -128,7 +130,8 @@ class ConvHead:
         shown = self.map_levels(params)
         chosen = nll if shown is None else [nll[i] for i in shown]
         grid = combine_levels(chosen, size, mp.sigma)          # on the map grid; upsampled only when needed
-        cols = {"score_conv": cell_scores(chosen, mp.score, mp.top_fraction, mp.border),
+        cols = {"score_conv": (self.verified_scores(feature_maps, chosen, mp.verify_cells, mp.border)
+                               if self.memory is not None else cell_scores(chosen, mp.score, mp.top_fraction, mp.border)),
                 "map_mean": grid.reshape(len(grid), -1).mean(axis=1).astype(np.float64)}
         amaps = to_image_size(grid, size) if keep or map_threshold is not None else None
         if map_threshold is not None:
@@ -136,6 +139,25 @@ class ConvHead:
             cols["n_boxes"] = np.array([len(boxes_from_map(a, map_threshold, min_area=mp.min_area)) for a in amaps],
                                        np.int64)
         return (amaps if keep else None), cols
+
+
+    def verified_scores(self, feature_maps: Sequence[np.ndarray], chosen: Sequence[np.ndarray], k: int,
+                        border: int) -> np.ndarray:
+        """The largest patch-memory distance over each image's ``k`` highest cells (without ``border`` cells
+        at each edge) of the map of the ``chosen`` groups; patch features are computed at those cells only."""
+        from defectflow.anomaly_maps import cell_map, inner
+        from defectflow.density.memory import patch_vectors
+
+        cells = cell_map(chosen)
+        n, h, w = cells.shape
+        core = inner(cells, border)
+        b = (h - core.shape[1]) // 2
+        flat = core.reshape(n, -1)
+        k = max(1, min(int(k), flat.shape[1]))
+        top = np.argpartition(-flat, k - 1, axis=1)[:, :k] if k < flat.shape[1] else np.tile(np.arange(k), (n, 1))
+        ys, xs = np.divmod(top, core.shape[2])
+        q = patch_vectors(feature_maps, ys + b, xs + b, self.model.config.local_average, (h, w))
+        return self.memory.verify(q)
 
 
 def load_conv_head(model_dir: Path | str) -> ConvHead:
@@ -148,4 +170,11 @@ def load_conv_head(model_dir: Path | str) -> ConvHead:
         model, meta = load_conv_flow(path)
     except ConvFitError as err:
         raise ModelError(str(err)) from None
-    return ConvHead(model, meta, path)
+    memory = None
+    if (path.parent / MEMORY_FILE).is_file():
+        from defectflow.density.memory import PatchMemory
+        try:
+            memory = PatchMemory.load(path.parent / MEMORY_FILE)
+        except ValueError as err:
+            raise ModelError(str(err)) from None
+    return ConvHead(model, meta, path, memory=memory)

@@ -13,11 +13,12 @@ then every head of the model folder:
   -> ``score_image (N,)``
 - conv head: the unrotated pass's maps -> per-position NLL per channel -> bilinear resampling to
   the map grid (three samples per finest-level cell) -> mean over levels -> Gaussian blur
-  (``maps.sigma``, scaled to the grid) -> image score (``maps.score``) -> ``score_conv (N,)``; the
+  (``maps.sigma``, scaled to the grid) -> image score -> ``score_conv (N,)`` (with a patch memory: the
+  largest memory distance over the ``maps.verify_cells`` highest unblurred cells; else ``maps.score``); the
   same over ``maps.levels``, upsampled to ``S`` -> ``anomaly_map (N, S, S)``
 
 and ``score (N,)``, the score the threshold in ``threshold.json`` applies to: ``train.score_from``'s
-head, or ``fused`` (each head standardised with ``fusion.json``, averaged). The pipeline itself
+head, or ``fused`` (each head standardised with ``fusion.json``, weighted mean). The pipeline itself
 scores with ONNX Runtime sessions (backbone, heads) and numpy / OpenCV around them, which also
 allows any rotation count; this file is the single-file artefact, tested equal to the pipeline.
 """
@@ -37,7 +38,7 @@ from defectflow.config import Params
 from defectflow.errors import DefectflowError
 from defectflow.features import ONNX_OPSET, backbone_graph, ort_session, rotation_angles, scale_sizes
 from defectflow.fsutil import atomic_path
-from defectflow.scoring import HEADS, Heads, LoadedModel, load_heads
+from defectflow.scoring import HEADS, Heads, LoadedModel, fusion_weights, load_heads
 from defectflow.stage import logger
 
 log = logger("export")
@@ -95,6 +96,10 @@ class FullScorer(nn.Module):
             self.shown = heads.conv.map_levels(params)
             self.map_score, self.top_fraction, self.sigma = mp.score, mp.top_fraction, float(mp.sigma)
             self.border = int(mp.border)
+            self.verify_cells = int(mp.verify_cells)
+            self.local_average = int(heads.conv.model.config.local_average)
+            memory = heads.conv.memory
+            self.register_buffer("memory", None if memory is None else torch.from_numpy(memory.bank.copy()))
 
     def _combine_levels(self, nll: list[torch.Tensor]) -> torch.Tensor:
         """:func:`defectflow.anomaly_maps.combine_levels`: ``(N, gh, gw)`` on the map grid (static shapes)."""
@@ -140,6 +145,25 @@ class FullScorer(nn.Module):
         k = max(1, int(round(self.top_fraction * flat.shape[1])))
         return flat.topk(k, dim=1).values.mean(dim=1)
 
+    def _verified_score(self, cells: torch.Tensor, maps: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`defectflow.conv_head.ConvHead.verified_scores`: the largest distance to the patch memory over
+        the ``verify_cells`` highest inner cells."""
+        from defectflow.density.memory import patch_maps
+
+        h, w = int(cells.shape[1]), int(cells.shape[2])
+        b = min(self.border, (h - 1) // 2, (w - 1) // 2)
+        patches = patch_maps(maps, self.local_average, (h, w))
+        if b > 0:
+            patches = patches[:, :, b:h - b, b:w - b]
+        inner = self._inner(cells).flatten(1)                               # (N, P)
+        k = max(1, min(self.verify_cells, int(inner.shape[1])))
+        top = inner.topk(k, dim=1).indices                                  # (N, k)
+        feats = patches.flatten(2)                                          # (N, C, P)
+        q = feats.gather(2, top.unsqueeze(1).expand(-1, feats.shape[1], -1)).transpose(1, 2)   # (N, k, C)
+        bank = self.memory
+        d = (q * q).sum(-1, keepdim=True) - 2.0 * q @ bank.T + (bank * bank).sum(-1)[None, None, :]
+        return d.amin(dim=-1).clamp_min(0.0).sqrt().amax(dim=1)
+
     def forward(self, image: torch.Tensor):
         n, t = image.shape[0], len(self.quarters)
         rots = torch.stack([_rot90(image, k) for k in self.quarters], dim=1)   # (N, T, S, S, 3)
@@ -159,11 +183,13 @@ class FullScorer(nn.Module):
         if self.conv is not None:
             nll = [-ll / c for ll, c in zip(self.conv([conv_maps[i] for i in self.levels]), self.conv.channels)]
             chosen = nll if self.shown is None else [nll[i] for i in self.shown]
-            out[HEADS["conv"]] = self._map_score(self._inner(self._cell_map(chosen)))
+            cells = self._cell_map(chosen)
+            out[HEADS["conv"]] = (self._map_score(self._inner(cells)) if self.memory is None else
+                                  self._verified_score(cells, [conv_maps[i] for i in self.levels]))
             out["anomaly_map"] = self._to_image_size(self._combine_levels(chosen))
         if self.fusion is not None:
-            z = [(out[HEADS[h]] - v["mean"]) / v["std"] for h, v in self.fusion["heads"].items()]
-            score = torch.stack(z).mean(dim=0)
+            w = fusion_weights(self.fusion)
+            score = sum(w[h] * (out[HEADS[h]] - v["mean"]) / v["std"] for h, v in self.fusion["heads"].items())
         else:
             score = out[HEADS[self.main]]
         return tuple([score] + [out[o] for o in self.outputs[1:]])

@@ -11,6 +11,7 @@ VAL_SPLIT_FILE = "val_split.json"
 CONV_FILE = "conv.pt"
 CONV_HEAD_FILE = "conv.onnx"
 FUSION_FILE = "fusion.json"
+MEMORY_FILE = "memory.npy"             # the conv head's patch memory (density/memory.py)
 MODEL_FORMAT = 1
 HEADS = {"image": "score_image", "conv": "score_conv"}   # head -> the SCORES column with its score
 

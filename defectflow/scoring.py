@@ -8,7 +8,7 @@ sessions (a folder without the ONNX files falls back to torch). With both heads 
 once per image and rotation: the conv head reads the maps of the unrotated pass.
 
 Every head in the model folder is scored into its :data:`HEADS` column. ``score`` is the
-``train.score_from`` head's, or ``fused``: the mean of both heads' scores, each standardised by
+``train.score_from`` head's, or ``fused``: the weighted mean (``train.image_weight``) of both heads' scores, each standardised by
 the mean / std of its scores on the good validation images (``fusion.json``, written by the
 train stage), so ``score`` is in "good-image standard deviations". A folder with one
 head scores with it. The conv head also fills ``map_mean`` and, given a map threshold, ``map_area``
@@ -36,8 +36,9 @@ from defectflow.model_files import (CONV_FILE, CONV_HEAD_FILE, FUSION_FILE, HEAD
 
 
 # ------------------------------------------------------------------ both heads, one backbone pass
-def fusion_stats(scores: dict[str, np.ndarray], source: str) -> dict:
-    """``fusion.json``: mean / std of each head's scores on good images (``source`` says which)."""
+def fusion_stats(scores: dict[str, np.ndarray], source: str, image_weight: float | None = None) -> dict:
+    """``fusion.json``: mean / std of each head's scores on good images (``source`` says which) and, with both
+    heads and ``image_weight``, each head's weight in the fused score."""
     out = {"source": source, "heads": {}}
     for head, s in scores.items():
         s = np.asarray(s, np.float64)
@@ -45,13 +46,22 @@ def fusion_stats(scores: dict[str, np.ndarray], source: str) -> dict:
         if len(s) < 2:
             raise ModelError(f"fusion needs at least 2 good images scored by the {head} head, got {len(s)}")
         out["heads"][head] = {"mean": float(s.mean()), "std": float(max(s.std(ddof=1), 1e-9)), "n": int(len(s))}
+    if image_weight is not None and set(out["heads"]) == {"image", "conv"}:
+        out["weights"] = {"image": float(image_weight), "conv": 1.0 - float(image_weight)}
     return out
 
 
+def fusion_weights(stats: dict) -> dict[str, float]:
+    """Each head's weight in the fused score (``fusion.json``; folders written before weights: equal)."""
+    heads = list(stats["heads"])
+    return stats.get("weights") or {h: 1.0 / len(heads) for h in heads}
+
+
 def fuse(cols: dict, stats: dict) -> np.ndarray:
-    """The fused score: mean over heads of each head's score standardised by ``stats`` (``fusion.json``)."""
-    z = [(np.asarray(cols[HEADS[h]], np.float64) - v["mean"]) / v["std"] for h, v in stats["heads"].items()]
-    return np.mean(z, axis=0)
+    """The fused score: weighted mean over heads of each head's score standardised by ``stats`` (``fusion.json``)."""
+    w = fusion_weights(stats)
+    return sum(w[h] * (np.asarray(cols[HEADS[h]], np.float64) - v["mean"]) / v["std"]
+               for h, v in stats["heads"].items())
 
 
 @dataclass

@@ -13,7 +13,9 @@ Reads ``inp/manifest.parquet`` (SYNTH schema) and writes into ``out_dir`` (atomi
 - ``conv.pt``          the conv head (``train.head: conv | both``): fully convolutional density model
                        on unpooled maps of ``train.conv.levels``, one rotation per image; per level the
                        epoch with the lowest selection-part val NLL; ``conv_loss.csv`` its curve;
-                       ``conv.onnx`` its ONNX export (maps in, log-likelihood maps out)
+                       ``conv.onnx`` its ONNX export (maps in, log-likelihood maps out);
+                       ``memory.npy`` its patch memory (``train.conv.memory`` > 0: coreset of the
+                       training patches, :mod:`defectflow.density.memory`)
 - ``fusion.json``      both heads: mean / std of each head's scores on the standardisation part of
                        the good validation images, for ``train.score_from: fused``
 
@@ -47,6 +49,7 @@ from defectflow.density import FitConfig, fit_density
 from defectflow.errors import DefectflowError
 from defectflow.features import FeatureExtractor
 from defectflow.manifest import SYNTH, read_manifest
+from defectflow.model_files import MEMORY_FILE
 from defectflow.scoring import (CONV_FILE, CONV_HEAD_FILE, FUSION_FILE, HEAD_FILE, HEADS, MODEL_FILE,
                                 VAL_SPLIT_FILE, export_head, extract_maps, fusion_stats, map_extractor,
                                 save_model, score_with_maps, select_rows)
@@ -262,7 +265,9 @@ def _train_conv_head(params: Params, src: Path, train_df, sel_df, out, report, c
                         merge_mode=cp.merge_mode, context_channels=cp.context_channels)
     torch.manual_seed(params.seed)
     res = fit_conv_flow(tr, va, cfg, progress=True)
-    del tr, va
+    del va
+    memory = _fit_memory(tr, cp, params.seed, out)
+    del tr
     features = {**fx.describe(), "pretrained": bool(tp.pretrained), "weights": tp.weights}
     conv_file, _ = out.path(CONV_FILE)
     save_conv_flow(conv_file, res.model, {"features": features, "best_epoch": res.best_epoch,
@@ -292,12 +297,35 @@ def _train_conv_head(params: Params, src: Path, train_df, sel_df, out, report, c
         "fit_threads": tp.fit_threads,
         "loss": "mean NLL per channel per position, nats, per level (train.conv.levels)",
     }
+    if memory is not None:
+        card["conv"]["memory"] = memory
     report.wrote += [str(Path(out.final) / n) for n in (CONV_FILE, CONV_HEAD_FILE, "conv_loss.csv")]
     report.notes.append(f"conv head: {len(train_df)} good images, levels {list(cp.levels)} "
                         f"(strides {fx.strides}) modelled as groups {names} (local average {cp.local_average}, "
                         f"temper {cp.temper}), best epochs {res.best_epoch} of {cp.epochs}, "
-                        f"{card['conv']['model_mb']} MB, {res.seconds:.1f} s fit")
+                        f"{card['conv']['model_mb']} MB, {res.seconds:.1f} s fit"
+                        + (f"; patch memory {memory['patches']} of {memory['of']} training patches "
+                           f"({memory['seconds']} s)" if memory else ""))
     return train_df, sel_df
+
+
+def _fit_memory(maps: list[np.ndarray], cp, seed: int, out) -> dict | None:
+    """The conv head's patch memory (``train.conv.memory`` coreset patches of the good training maps) ->
+    ``memory.npy``; its card entry, or None when off."""
+    from defectflow.density.memory import PatchMemory, patch_maps
+
+    if cp.memory <= 0:
+        return None
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        parts = [patch_maps([torch.from_numpy(m[i:i + 32]) for m in maps], cp.local_average).numpy()
+                 for i in range(0, len(maps[0]), 32)]
+    patches = np.concatenate(parts).transpose(0, 2, 3, 1).reshape(-1, parts[0].shape[1])
+    del parts
+    memory = PatchMemory.fit(patches, cp.memory, seed)
+    memory.save(out.path(MEMORY_FILE)[0])
+    return {"patches": int(len(memory.bank)), "of": int(len(patches)), "dim": memory.dim,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _write_fusion(params: Params, good_df: pd.DataFrame, out, report, card: dict) -> None:
@@ -309,7 +337,7 @@ def _write_fusion(params: Params, good_df: pd.DataFrame, out, report, card: dict
     scored = score_with_maps(good_df, out.tmp, single, model=heads, progress=True)[0]
     source = (f"{len(scored)} good validation images (the standardisation part: never those that pick the epoch "
               "or calibrate the threshold, never test images)")
-    stats = fusion_stats({h: scored[HEADS[h]].to_numpy() for h in heads.names}, source)
+    stats = fusion_stats({h: scored[HEADS[h]].to_numpy() for h in heads.names}, source, params.train.image_weight)
     file, final = out.path(FUSION_FILE)
     file.write_text(json.dumps(stats, indent=2) + "\n")
     card["fusion"] = stats

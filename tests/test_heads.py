@@ -98,6 +98,9 @@ def test_head_both_trains_both_heads_in_one_folder(both):
     assert conv["features"]["levels"] == [0, 1] and conv["features"]["strides"] == [8, 16]
     loss = pd.read_csv(root / "model" / "conv_loss.csv")
     assert list(loss.columns) == ["epoch", "level", "train_nll", "val_nll"] and len(loss) == 4 * 2
+    # the patch memory: 16 images x 8 x 8 cells = 1024 training patches, fewer than train.conv.memory: all kept
+    assert (root / "model" / "memory.npy").is_file()
+    assert conv["memory"]["patches"] == conv["memory"]["of"] == 1024 and conv["memory"]["dim"] > 0
     heads = load_heads(root / "model")
     assert heads.names == ("image", "conv")
 
@@ -152,7 +155,7 @@ def test_score_from_conv_uses_the_map_score(both, tmp_path):
         evaluate.run(params, inp, root / "model", root / "threshold.json", tmp_path / "rep2")
 
 
-def test_fused_score_is_the_mean_of_standardised_head_scores(both, tmp_path):
+def test_fused_score_is_the_weighted_mean_of_standardised_head_scores(both, tmp_path):
     root, inp, _, _, _ = both
     fusion = json.loads((root / "model" / FUSION_FILE).read_text())
     card = json.loads((root / "model" / "card.json").read_text())
@@ -162,8 +165,16 @@ def test_fused_score_is_the_mean_of_standardised_head_scores(both, tmp_path):
     params = _params(head="both", score_from="fused")
     df = read_manifest(inp / "manifest.parquet", SYNTH)
     got = score_items(df[df.split == "test"], root / "model", params)
-    z = [(got[HEADS[h]] - v["mean"]) / v["std"] for h, v in fusion["heads"].items()]
-    assert np.allclose(got["score"], (z[0] + z[1]) / 2)
+    assert fusion["weights"] == {"image": 0.3, "conv": 0.7}             # train.image_weight, recorded
+    z = {h: (got[HEADS[h]] - v["mean"]) / v["std"] for h, v in fusion["heads"].items()}
+    assert np.allclose(got["score"], 0.3 * z["image"] + 0.7 * z["conv"])
+    unweighted = tmp_path / "unweighted"                               # folders written before weights: equal
+    unweighted.mkdir()
+    for f in (root / "model").iterdir():
+        (unweighted / f.name).write_bytes(f.read_bytes())
+    (unweighted / FUSION_FILE).write_text(json.dumps({k: v for k, v in fusion.items() if k != "weights"}))
+    got_eq = score_items(df[df.split == "test"], unweighted, params)
+    assert np.allclose(got_eq["score"], (z["image"] + z["conv"]) / 2)
     # the stats come from the standardisation part of the good val images: their fused scores are centred on 0
     std_rows = df[df.item_id.isin(split["standardise"])]
     assert abs(score_items(std_rows, root / "model", params)["score"].mean()) < 1e-6
@@ -182,6 +193,31 @@ def test_fused_score_is_the_mean_of_standardised_head_scores(both, tmp_path):
         score_items(df[df.split == "test"], old, params)
 
 
+def _verified_reference(conv, maps, nll, k, border):
+    """The conv image score with a patch memory, written out: PatchCore patch features (3 x 3 reflected average,
+    coarse level resized), the ``k`` highest inner cells of the unblurred map, their largest distance to the memory."""
+    import torch
+    import torch.nn.functional as F
+    from scipy.spatial.distance import cdist
+
+    from defectflow.anomaly_maps import cell_map
+    cells = cell_map(nll)
+    n, h, w = cells.shape
+    feats = []
+    for m in maps:
+        t = F.avg_pool2d(F.pad(torch.from_numpy(m), (1, 1, 1, 1), mode="reflect"), 3, stride=1)
+        feats.append(F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False).numpy())
+    feats = np.concatenate(feats, axis=1)
+    out = []
+    for i in range(n):
+        inner = cells[i, border:h - border, border:w - border]
+        top = np.argsort(-inner.ravel())[:k]
+        ys, xs = np.unravel_index(top, inner.shape)
+        q = feats[i][:, ys + border, xs + border].T
+        out.append(cdist(q, conv.memory.bank).min(axis=1).max())
+    return np.array(out)
+
+
 def test_both_heads_share_one_backbone_pass_and_onnx_equals_torch(both):
     """The conv head's scores from the shared pass (ONNX Runtime) equal a separate torch pass."""
     root, inp, params, _, _ = both
@@ -197,8 +233,7 @@ def test_both_heads_share_one_backbone_pass_and_onnx_equals_torch(both):
     nll = conv.nll_maps(maps, backend="torch")
     ref = anomaly_maps(nll, (64, 64), params.maps.sigma)
     np.testing.assert_allclose(amaps, ref, rtol=1e-4, atol=1e-4)
-    from defectflow.anomaly_maps import cell_scores   # scores come from the unblurred cells, borders left out
-    want = cell_scores(nll, params.maps.score, params.maps.top_fraction, params.maps.border)
+    want = _verified_reference(conv, maps, nll, params.maps.verify_cells, params.maps.border)
     np.testing.assert_allclose(shared["score_conv"], want, rtol=1e-4)
     alone = score_items(test, root / "model", _params(head="image"), model=heads.image)
     np.testing.assert_allclose(shared["score_image"], alone["score_image"], rtol=1e-5)
@@ -212,12 +247,18 @@ def test_map_levels_choose_the_shown_map_and_the_conv_score(both):
     fine = params.model_copy(update={"maps": params.maps.model_copy(update={"levels": (0,)})})
     a, amaps_all = score_with_maps(test, root / "model", params, keep_maps=True)
     b, amaps_fine = score_with_maps(test, root / "model", fine, keep_maps=True)
-    assert not np.allclose(amaps_all, amaps_fine) and not np.allclose(a["score_conv"], b["score_conv"])
+    assert not np.allclose(amaps_all, amaps_fine)
     from defectflow.anomaly_maps import anomaly_maps, cell_scores
     heads = load_heads(root / "model")
     nll = heads.conv.nll_maps(heads.conv.extractor(params).extract(test["image_path"].tolist()))
     np.testing.assert_allclose(amaps_fine, anomaly_maps(nll[:1], (64, 64), params.maps.sigma), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(b["score_conv"], cell_scores(nll[:1], "max", border=params.maps.border), rtol=1e-4)
+    maps = heads.conv.extractor(params).extract(test["image_path"].tolist())
+    want = _verified_reference(heads.conv, maps, nll[:1], params.maps.verify_cells, params.maps.border)
+    np.testing.assert_allclose(b["score_conv"], want, rtol=1e-4)
+    no_memory = params.model_copy(update={"maps": params.maps.model_copy(update={"levels": (0,), "score": "max"})})
+    heads.conv.memory = None                                   # without a memory: the cells' maximum
+    c = score_items(test, root / "model", no_memory, model=heads)
+    np.testing.assert_allclose(c["score_conv"], cell_scores(nll[:1], "max", border=params.maps.border), rtol=1e-4)
     from defectflow.export import export_model, onnx_scores
     from defectflow.features import _resize, load_image
     out = export_model(root / "model", root / "fine.onnx", fine)
@@ -241,8 +282,16 @@ def test_head_image_still_works_without_maps(data, tmp_path):
 
 def test_head_conv_alone(data, tmp_path):
     _, inp = data
-    thr, m = _stages(_params(head="conv"), inp, tmp_path)
+    params = _params(head="conv", conv={**TRAIN["conv"], "memory": 0})
+    thr, m = _stages(params, inp, tmp_path)
     assert not (tmp_path / "model" / MODEL_FILE).exists() and (tmp_path / "model" / "train_loss.csv").is_file()
+    assert not (tmp_path / "model" / "memory.npy").exists()     # memory 0: the conv score is the map's maximum
+    from defectflow.anomaly_maps import cell_scores
+    heads = load_heads(tmp_path / "model")
+    test = read_manifest(inp / "manifest.parquet", SYNTH).query("split == 'test'")
+    nll = heads.conv.nll_maps(heads.conv.extractor(params).extract(test["image_path"].tolist()))
+    np.testing.assert_allclose(score_items(test, tmp_path / "model", params)["score_conv"],
+                               cell_scores(nll, "max", border=params.maps.border), rtol=1e-4)
     assert thr["score_from"] == "conv" and m["pixel_auroc"] is not None and m["heads"].keys() == {"conv"}
     # a folder with one head scores with it, whatever score_from says (as train.head conv / image do)
     df = read_manifest(inp / "manifest.parquet", SYNTH)
