@@ -317,11 +317,13 @@ def _fit_memory(maps: list[np.ndarray], cp, seed: int, out) -> dict | None:
     if cp.memory <= 0:
         return None
     t0 = time.perf_counter()
+    n, (h, w) = len(maps[0]), max((m.shape[2:] for m in maps), key=lambda s: s[0] * s[1])
+    patches = np.empty((n, h, w, sum(m.shape[1] for m in maps)), np.float32)     # one copy, filled in chunks
     with torch.no_grad():
-        parts = [patch_maps([torch.from_numpy(m[i:i + 32]) for m in maps], cp.local_average).numpy()
-                 for i in range(0, len(maps[0]), 32)]
-    patches = np.concatenate(parts).transpose(0, 2, 3, 1).reshape(-1, parts[0].shape[1])
-    del parts
+        for i in range(0, n, 32):
+            part = patch_maps([torch.from_numpy(m[i:i + 32]) for m in maps], cp.local_average).numpy()
+            patches[i:i + 32] = part.transpose(0, 2, 3, 1)
+    patches = patches.reshape(-1, patches.shape[-1])
     memory = PatchMemory.fit(patches, cp.memory, seed)
     memory.save(out.path(MEMORY_FILE)[0])
     return {"patches": int(len(memory.bank)), "of": int(len(patches)), "dim": memory.dim,

@@ -113,15 +113,16 @@ def greedy_kcenter(p: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarra
 
 
 def coreset(x: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """Sorted indices of a greedy k-center coreset of ``size`` rows of ``x`` ``(n, d)`` (see the module docstring)."""
+    """Sorted indices of a greedy k-center coreset of ``size`` rows of ``x`` ``(n, d)`` (see the module docstring).
+    Rows are projected chunk by chunk: no projected copy of the whole set is held."""
     rng = np.random.default_rng(seed)
     n, d = x.shape
     if size >= n:
         return np.arange(n)
-    p = x
+    w = None
     if d > PROJECTION_DIM:
         w = rng.standard_normal((d, PROJECTION_DIM)).astype(np.float32) / np.sqrt(PROJECTION_DIM)
-        p = x @ w
+    project = (lambda rows: x[rows] @ w) if w is not None else (lambda rows: x[rows])
     candidates = np.arange(n)
     if n > 2 * CHUNK:
         order = rng.permutation(n)
@@ -129,9 +130,9 @@ def coreset(x: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
         keep = []
         for start in range(0, n, CHUNK):
             idx = order[start:start + CHUNK]
-            keep.append(idx[greedy_kcenter(p[idx], max(1, int(np.ceil(share * len(idx)))), rng)])
+            keep.append(idx[greedy_kcenter(project(idx), max(1, int(np.ceil(share * len(idx)))), rng)])
         candidates = np.concatenate(keep)
-    return np.sort(candidates[greedy_kcenter(p[candidates], size, rng)])
+    return np.sort(candidates[greedy_kcenter(project(candidates), size, rng)])
 
 
 class PatchMemory:
