@@ -140,7 +140,6 @@ class ConvHead:
                                        np.int64)
         return (amaps if keep else None), cols
 
-
     def verified_scores(self, feature_maps: Sequence[np.ndarray], chosen: Sequence[np.ndarray], k: int,
                         border: int) -> np.ndarray:
         """The largest patch-memory distance over each image's ``k`` highest cells (without ``border`` cells
