@@ -27,6 +27,7 @@ with its 95 % interval, the good-score shift test), ``ms_per_image`` of scoring 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -195,8 +196,30 @@ def run_model_stages(params, work: Path, extra_rows=None):
     return items, train_s
 
 
+def cached_baselines(params, items, work: Path, cache: Path | None) -> dict:
+    """:func:`run_baselines`, read from ``cache`` when the same baselines ran before: same images (paths and
+    splits), backbone, weights, input size, input normalisation and seed. The baselines never depend on the
+    model's params, so a suite rerun after a model change costs the model's time only."""
+    if cache is None:
+        return run_baselines(params, items, work)
+    tp = params.train
+    key = json.dumps({"items": items[["image_path", "split", "label"]].astype(str).values.tolist(),
+                      "backbone": tp.backbone, "weights": tp.weights, "pretrained": tp.pretrained,
+                      "size": model_size(work / "model"), "input_norm": tp.input_norm, "seed": params.seed,
+                      "version": 1}, sort_keys=True)
+    file = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if file.is_file():
+        return {**json.loads(file.read_text()), "baselines_cached": True}
+    out = run_baselines(params, items, work)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    tmp.replace(file)
+    return out
+
+
 def run_dataset(name: str, folder: Path, params_file: str, overrides: dict, work: Path,
-                baselines: bool = True) -> dict:
+                baselines: bool = True, baseline_cache: Path | None = None) -> dict:
     params = load_params_with(params_file, {**overrides, "source.kind": "images", "source.path": str(folder)})
     items, train_s = run_model_stages(params, work)
     m = json.loads((work / "reports" / "metrics.json").read_text())
@@ -217,7 +240,7 @@ def run_dataset(name: str, folder: Path, params_file: str, overrides: dict, work
            "train_s": round(train_s, 1)}
     out.update(speed(params, items, work / "model"))
     if baselines:
-        out.update(run_baselines(params, items, work))
+        out.update(cached_baselines(params, items, work, baseline_cache))
         best = max(out["gauss"], out["knn"])
         out["vs_best_baseline"] = round(out["image_auroc"] - best, 4)
         out["holds"] = bool(out["image_auroc"] >= best - TOLERANCE)
@@ -278,6 +301,9 @@ def main() -> None:
     ap.add_argument("--work", help="keep outputs here (default: a temp folder)")
     ap.add_argument("--layouts", default=str(Path(tempfile.gettempdir()) / "defectflow-suite"))
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--fresh-baselines", action="store_true",
+                    help="recompute the baselines (default: reuse those of an earlier run on the same images and "
+                         "backbone, kept under LAYOUTS/baselines)")
     ap.add_argument("--table", action="store_true", help="AUROC and images/s per --backbones x --sizes")
     ap.add_argument("--backbones", default="efficientnet_lite0")
     ap.add_argument("--sizes", default="224")
@@ -312,7 +338,8 @@ def main() -> None:
             tag = name if combo is None else f"{name}-{combo[0]}-{combo[1]}"
             t0 = time.perf_counter()
             row = run_dataset(name, folder, args.params, {**overrides, **extra}, work / tag,
-                              baselines=not args.no_baselines)
+                              baselines=not args.no_baselines,
+                              baseline_cache=None if args.fresh_baselines else layouts / "baselines")
             row["seconds"] = round(time.perf_counter() - t0, 1)
             lines.append(row)
             print(json.dumps(row), flush=True)
