@@ -31,6 +31,11 @@ from flows.retrain import dvc_repro  # noqa: E402
 
 ARTIFACT_KEY = "nightly-gate-decision"
 ENTRYPOINT = "flows/nightly.py:nightly"
+# first pull step on the worker: without it an unset DEFECTFLOW_HOME leaves the run in the worker's temp
+# folder and it fails with "No such file or directory: .../flows/nightly.py"
+HOME_CHECK = ('test -f "$DEFECTFLOW_HOME/params.yaml" -a -f "$DEFECTFLOW_HOME/flows/nightly.py" || '
+              '{ echo "DEFECTFLOW_HOME=$DEFECTFLOW_HOME is not a defectflow checkout (params.yaml, flows/): '
+              'start the worker with DEFECTFLOW_HOME=/path/to/defectflow" >&2; exit 1; }')
 
 
 def schedule(params: Params) -> Cron:
@@ -58,7 +63,8 @@ def deployment_spec(params: Params) -> dict:
     return {
         "name": "defectflow",
         "prefect-version": "3.9.1",
-        "pull": [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $DEFECTFLOW_HOME }}"}}],
+        "pull": [{"prefect.deployments.steps.run_shell_script": {"script": HOME_CHECK, "shell": True}},
+                 {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $DEFECTFLOW_HOME }}"}}],
         "deployments": [{
             "name": "nightly-retrain",
             "entrypoint": ENTRYPOINT,
