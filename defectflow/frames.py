@@ -39,7 +39,7 @@ from tqdm import tqdm
 from defectflow.config import FramesParams, Params
 from defectflow.imgops import safe_name
 from defectflow.manifest import FRAMES, write_manifest
-from defectflow.sources.videos import (DEFAULT_LANE, VideoReadError, VideoSourceError, camera_label, load_passes,
+from defectflow.sources.videos import (DEFAULT_LANE, Products, VideoReadError, VideoSourceError, load_passes,
                                        load_videos)
 from defectflow.stage import StageOutput, StageReport, logger, stage_run
 from defectflow.tracking.lanes import WORK_WIDTH, Grid, lanes_for_camera
@@ -128,29 +128,6 @@ def _track_stream(stream, jpeg: JpegStream | None, grid: Grid, vt: VideoTracker,
 
 # ----------------------------------------------------------------------------- stage
 
-class _Products:
-    """Product id, split and camera label of pass k of a lane of a run: from passes.csv, else from the video row."""
-
-    def __init__(self, passes: pd.DataFrame | None):
-        self.rows = {} if passes is None else {(r["run"], r["lane"], int(r["pass_index"])): r
-                                               for r in passes.to_dict("records")}
-        self.has_table = passes is not None
-        self.unlisted: list[str] = []
-
-    def info(self, video, lane: str, k: int) -> dict:
-        row = self.rows.get((video.run, lane, k))
-        if row is None:
-            if self.has_table:
-                self.unlisted.append(f"{video.run} {lane} pass {k}")
-            pid = f"{video.run}-p{k:03d}" if lane == DEFAULT_LANE else f"{video.run}-{lane}-p{k:03d}"
-            return {"product_id": pid, "split": video.split, "label": video.label or "unknown", "defect_type": None}
-        label, defect_type = camera_label(row, video.camera)
-        return {"product_id": row["product_id"], "split": row["split"], "label": label, "defect_type": defect_type}
-
-    def expected(self, run: str, lane: str) -> int | None:
-        return sum(r == run and ln == lane for r, ln, _ in self.rows) if self.has_table else None
-
-
 def _write_frame(path: Path, frame: Payload) -> None:
     """Inside the stage's temp folder: no per-file atomic rename needed."""
     if isinstance(frame, np.ndarray):
@@ -206,7 +183,7 @@ class _VideoRows:
         c.frames = {}
         self.captures.append((c, paths))
 
-    def rows(self, scan: VideoScan, products: _Products, source: str, extra: dict) -> list[dict]:
+    def rows(self, scan: VideoScan, products: Products, source: str, extra: dict) -> list[dict]:
         v = self.video
         rows = []
         by_lane: dict[str, list] = {}
@@ -266,7 +243,7 @@ def _track_log(video, vt: VideoTracker | None, out: StageOutput) -> dict:
     return {"tracks_path": tracks_path}
 
 
-def _scan_one(video, fp: FramesParams, products: _Products, out: StageOutput, source: str, writer: _Writer,
+def _scan_one(video, fp: FramesParams, products: Products, out: StageOutput, source: str, writer: _Writer,
               acc: _Scans) -> None:
     """Scan one video into ``acc``; bad videos raise (on_bad_video: error) or are recorded (warn)."""
     vrows = _VideoRows(video, out, writer)
@@ -322,14 +299,15 @@ def run_unit(params: Params, unit: Unit, out: StageOutput) -> UnitResult:
     """Track one video: its rows and what the stage's meta and checks need."""
     p = unit.payload
     video = SimpleNamespace(**p["video"])
-    products = _Products(None if p["passes"] is None else pd.DataFrame(p["passes"]))
+    products = Products(None if p["passes"] is None else pd.DataFrame(p["passes"]))
     acc, writer = _Scans(), _Writer()
     try:
         _scan_one(video, params.frames, products, out, params.source.kind, writer, acc)
     finally:
         writer.close()
     return UnitResult(acc.rows, {"scans": [(p["video"], s, per) for _, s, per in acc.scans], "bad": acc.bad,
-                                 "empty": acc.empty, "unlisted": products.unlisted})
+                                 "empty": acc.empty, "unlisted": products.unlisted,
+                                 "from_videos": products.from_videos})
 
 
 def _run_videos(params: Params, inp: Path, out: StageOutput, report: StageReport, mapper: Mapper | None,
@@ -337,7 +315,7 @@ def _run_videos(params: Params, inp: Path, out: StageOutput, report: StageReport
     fp, source = params.frames, params.source.kind
     _check_demo(params, inp)
     videos, passes, units = video_units(inp, runs)
-    products = _Products(passes)
+    products = Products(passes)
     t0 = time.perf_counter()
     settings = {"frames": fp.model_dump(mode="json"), "source": source}
     outcomes = map_units("frames", params, units, run_unit, out, settings, report, mapper)
@@ -348,6 +326,7 @@ def _run_videos(params: Params, inp: Path, out: StageOutput, report: StageReport
         acc.bad += res.stats["bad"]
         acc.empty += res.stats["empty"]
         products.unlisted += res.stats["unlisted"]
+        products.from_videos += res.stats.get("from_videos", [])
     df = pd.DataFrame(acc.rows, columns=FRAMES.names)
     scans = [s for _, s, _ in acc.scans]
     _check_counts(acc.scans, products, report)
@@ -372,7 +351,7 @@ def _run_videos(params: Params, inp: Path, out: StageOutput, report: StageReport
         report.notes.append(f"{len(acc.empty)} video(s) without a product pass: {', '.join(acc.empty)}")
 
 
-def _check_counts(scans: list[tuple], products: _Products, report: StageReport) -> None:
+def _check_counts(scans: list[tuple], products: Products, report: StageReport) -> None:
     """Warn when the cameras of a run disagree on a lane's number of passes, or disagree with passes.csv."""
     counts: dict[tuple[str, str], dict[str, int]] = {}
     for video, _, per_lane in scans:
@@ -389,6 +368,11 @@ def _check_counts(scans: list[tuple], products: _Products, report: StageReport) 
     if products.unlisted:
         msg = f"{len(products.unlisted)} pass(es) not in passes.csv (ids from the run name): {products.unlisted[:5]}"
         log.warning("frames: %s", msg)
+        report.notes.append(msg)
+    if products.from_videos:
+        runs = sorted(set(products.from_videos))
+        msg = f"{len(products.from_videos)} pass(es) of runs not in passes.csv labelled from videos.csv: {runs[:5]}"
+        log.info("frames: %s", msg)
         report.notes.append(msg)
 
 

@@ -2,6 +2,7 @@
 with a reason, nothing is deleted, names cannot leave the data folder."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,10 +12,14 @@ import pandas as pd
 import pytest
 
 import nightly_fakes as nf
+from defectflow import frames
 from defectflow.cli import main as cli
-from defectflow.config import load_params
+from defectflow.config import Params, SourceParams, load_params
 from defectflow.ingest import IngestError, ingest
+from defectflow.manifest import FRAMES, read_manifest
+from defectflow.sources import demo
 from defectflow.sources.videos import load_videos
+from defectflow.stage import manifest_path
 
 
 @pytest.fixture
@@ -96,3 +101,45 @@ def test_all_rejected_is_an_error_and_the_data_is_untouched(project):
 def test_missing_inbox_names_it(project):
     with pytest.raises(IngestError, match="nope: inbox folder not found"):
         ingest(load_params(project / "params.yaml"), "nope", project=project)
+
+
+def _retouch(src: Path, dst: Path, value: int) -> None:
+    """A copy of ``src`` with other bytes (one corner pixel changed), the same products passing."""
+    cap = cv2.VideoCapture(str(src))
+    fps, w, h = cap.get(cv2.CAP_PROP_FPS), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    out = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    ok, frame = cap.read()
+    while ok:
+        frame[0, 0] = value
+        out.write(frame)
+        ok, frame = cap.read()
+    cap.release()
+    out.release()
+
+
+def test_ingested_videos_are_labelled_from_videos_csv_without_a_passes_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "demo"
+    demo.generate(src, size="tiny", seed=0)
+    (tmp_path / "inbox").mkdir()
+    for run, value in (("n1", 7), ("n2", 9)):
+        _retouch(src / "videos" / "train-00_cam0.avi", tmp_path / "inbox" / f"{run}_cam0.avi", value)
+    params = Params(source=SourceParams(kind="demo", path="demo", demo_size="tiny"))
+    rep = ingest(params, "inbox", project=tmp_path)
+    assert sorted(rep.added) == ["n1_cam0.avi", "n2_cam0.avi"]
+    n1, n2 = f"{rep.batch}-n1", f"{rep.batch}-n2"
+    videos = pd.read_csv(src / "videos.csv", dtype=str, keep_default_na=False)
+    videos.loc[videos.run == n2, "label"] = ""             # a row without a label still needs passes.csv
+    videos.to_csv(src / "videos.csv", index=False)
+    with caplog.at_level(logging.INFO, logger="defectflow"):
+        report = frames.run(params, src, tmp_path / "out", runs=[n1, n2])
+    df = read_manifest(manifest_path(tmp_path / "out"), FRAMES)
+    good = df[df.run == n1]
+    assert len(good) and set(good.label) == {"good"} and set(good.split) == {"train"}
+    assert good.product_id.str.startswith(f"{n1}-p").all()
+    assert set(df[df.run == n2].label) == {"unknown"}
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    missing = [m for m in warned if "not in passes.csv" in m]
+    assert len(missing) == 1 and n2 in missing[0] and n1 not in missing[0], warned
+    assert not any("passes.csv lists" in m for m in warned), warned       # no expected count for unlisted runs
+    assert any("labelled from videos.csv" in n and n1 in n and n2 not in n for n in report.notes), report.notes

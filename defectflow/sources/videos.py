@@ -139,3 +139,35 @@ def camera_label(pass_row, camera: str) -> tuple[str, str | None]:
     if cams and camera not in cams:
         return "good", None
     return "defect", pass_row["defect_type"] or None
+
+
+class Products:
+    """Product id, split and camera label of pass k of a lane of a run: from passes.csv, else from the video
+    row: silently (``from_videos``) for a labelled row of a run passes.csv does not list (ingested videos)."""
+
+    def __init__(self, passes: pd.DataFrame | None):
+        self.rows = {} if passes is None else {(r["run"], r["lane"], int(r["pass_index"])): r
+                                               for r in passes.to_dict("records")}
+        self.runs = {run for run, _, _ in self.rows}
+        self.has_table = passes is not None
+        self.unlisted: list[str] = []
+        self.from_videos: list[str] = []
+
+    def info(self, video, lane: str, k: int) -> dict:
+        row = self.rows.get((video.run, lane, k))
+        if row is None:
+            if self.has_table:
+                if video.run not in self.runs and getattr(video, "label", ""):
+                    self.from_videos.append(video.run)
+                else:
+                    self.unlisted.append(f"{video.run} {lane} pass {k}")
+            pid = f"{video.run}-p{k:03d}" if lane == DEFAULT_LANE else f"{video.run}-{lane}-p{k:03d}"
+            return {"product_id": pid, "split": video.split, "label": video.label or "unknown", "defect_type": None}
+        label, defect_type = camera_label(row, video.camera)
+        return {"product_id": row["product_id"], "split": row["split"], "label": label, "defect_type": defect_type}
+
+    def expected(self, run: str, lane: str) -> int | None:
+        """Passes passes.csv lists for the lane; None without a table or for a run it does not list."""
+        if not self.has_table or run not in self.runs:
+            return None
+        return sum(r == run and ln == lane for r, ln, _ in self.rows)
