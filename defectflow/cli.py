@@ -5,7 +5,7 @@
     defectflow summary                                where the report and metrics are
     defectflow export [--model DIR] [--out model.onnx] one ONNX model: image tensor in, scores (+ map) out
     defectflow stage frames --params P --inp SRC --out DIR   one vision stage, no DVC/Prefect
-    defectflow ingest | gate | nightly | models list|promote|rollback   operations (cli_ops.py)
+    defectflow ingest | gate | nightly | clean-temp | models list|promote|rollback   operations (cli_ops.py)
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""Operations subcommands of ``defectflow``: ingest, gate, nightly, models list | promote | rollback.
+"""Operations subcommands of ``defectflow``: ingest, gate, nightly, clean-temp, models list | promote | rollback.
 
     defectflow ingest [INBOX]            new good videos/images -> source.path (rejects -> quarantine)
     defectflow gate                      register models/model, compare with the champion, promote or reject
     defectflow nightly                   lock, clean, ingest, dvc repro, gate (no Prefect; flows.nightly has one)
+    defectflow clean-temp [--min-age M]  remove temps killed runs left (under the nightly lock, dvc idle)
     defectflow models list               every version, its status and metrics (* = champion)
     defectflow models promote VERSION    make VERSION the champion
     defectflow models rollback VERSION   back to an earlier version (one that was champion before)
@@ -27,9 +28,12 @@ def _ingest(args) -> int:
 
 
 def _gate(args) -> int:
+    from defectflow.nightly import run_lock
     from defectflow.registry.gate import run_gate
 
-    decision = run_gate(load_params(args.params))
+    params = load_params(args.params)
+    with run_lock(params.nightly.lock, "defectflow gate"):      # clean-temp must not take its registry copy
+        decision = run_gate(params)
     print("model unchanged: nothing to gate" if decision is None else decision.markdown())
     return 0
 
@@ -39,6 +43,23 @@ def _nightly(args) -> int:
 
     result = run_nightly(load_params(args.params))
     print("model unchanged: nothing to gate" if result.decision is None else result.decision.markdown())
+    return 0
+
+
+def _clean_temp(args) -> int:
+    from defectflow.cleanup import clean_stale, dvc_idle
+    from defectflow.nightly import run_lock
+
+    if args.min_age < 0:
+        raise DefectflowError(f"clean-temp --min-age {args.min_age}: give minutes >= 0")
+    params = load_params(args.params)
+    with run_lock(params.nightly.lock, "defectflow clean-temp"), dvc_idle("."):
+        removed, kept = clean_stale(params, ".", min_age_s=args.min_age * 60)
+    for p in removed:
+        print(f"removed {p}")
+    for p in kept:
+        print(f"kept {p} (changed in the last {args.min_age:g} min: a stage may be writing it)")
+    print(f"{len(removed)} removed, {len(kept)} kept")
     return 0
 
 
@@ -83,6 +104,11 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("nightly", help="one nightly run without Prefect: lock, ingest, dvc repro, gate")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(fn=_nightly)
+    p = sub.add_parser("clean-temp", help="remove temp folders killed runs left (takes the nightly lock)")
+    p.add_argument("--min-age", type=float, default=10.0,
+                   help="keep temps changed in the last MINUTES (a stage run by hand takes no lock; default 10)")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(fn=_clean_temp)
     p = sub.add_parser("models", help="the model registry: list | promote VERSION | rollback VERSION")
     p.add_argument("action", choices=["list", "promote", "rollback"])
     p.add_argument("version", nargs="?", type=int)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,17 +18,15 @@ from typing import Callable, Iterator, Sequence
 
 import pandas as pd
 
-from defectflow import layout
+from defectflow.cleanup import clean_stale, dvc_idle
 from defectflow.config import Params
 from defectflow.errors import DefectflowError
 from defectflow.ingest import IngestReport, ingest
 from defectflow.procs import popen_tied, stop_group
 from defectflow.registry.gate import Decision, Scorer, eval_rows, pipeline_scorer, run_gate
-from defectflow.registry.store import Registry
 from defectflow.stage import logger
 
 log = logger("nightly")
-STAGE_TMP = re.compile(r"^\..+\.tmp(\.[A-Za-z0-9]+)?$")   # fsutil.atomic_dir / atomic_path temp names
 
 
 class NightlyError(DefectflowError):
@@ -42,9 +38,9 @@ class NightlyBusy(NightlyError):
 
 
 @contextlib.contextmanager
-def run_lock(path: Path | str) -> Iterator[Path]:
+def run_lock(path: Path | str, what: str = "nightly") -> Iterator[Path]:
     """Hold an exclusive ``flock`` on ``path`` for the run; raise NightlyBusy at once if another holds it.
-    The kernel drops the lock when the holder dies, however it dies."""
+    The kernel drops the lock when the holder dies, however it dies. ``what`` goes into the holder line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+")
@@ -54,33 +50,14 @@ def run_lock(path: Path | str) -> Iterator[Path]:
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "unknown holder"
-            raise NightlyBusy(f"another nightly run holds {path} since {holder}, exiting") from None
+            raise NightlyBusy(f"another run holds {path} since {holder}, exiting") from None
         fh.seek(0)
         fh.truncate()
-        fh.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} (pid {os.getpid()})\n")
+        fh.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} (pid {os.getpid()}, {what})\n")
         fh.flush()
         yield path
     finally:
         fh.close()
-
-
-def clean_stale(params: Params, project: Path | str = ".") -> list[Path]:
-    """Remove the temp folders / files a killed run left (stage outputs, registry copies).
-    Call it only while holding the run lock."""
-    project = Path(project)
-    removed = []
-    for d in {project, project / layout.DATA, project / layout.MODELS, project / params.source.path}:
-        if not d.is_dir():
-            continue
-        for p in d.iterdir():
-            if STAGE_TMP.match(p.name) and not p.is_symlink():
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-                removed.append(p)
-    if removed:
-        log.info("nightly: removed %d temp folder(s)/file(s) left by an interrupted run: %s",
-                 len(removed), [str(p) for p in removed])
-    removed += Registry(project / params.registry.path, params.registry.keep).clean_stale()
-    return removed
 
 
 def count_good_train(params: Params, project: Path | str = ".") -> int:
@@ -129,7 +106,8 @@ def run_nightly(params: Params, project: Path | str = ".", *, repro: Callable[[]
     project = Path(project)
     with run_lock(project / params.nightly.lock) as lock:
         log.info("nightly: holding %s", lock)
-        clean_stale(params, project)
+        with dvc_idle(project):
+            clean_stale(params, project)
         report = None
         if (project / params.ingest.inbox).is_dir():
             report = ingest(params, project=project)

@@ -104,8 +104,8 @@ def test_second_run_exits_at_once_while_one_runs(project):
     try:
         _wait_for(lambda: list((project / "models").glob(".model.*.tmp")), what="the first run to train")
         t0 = time.monotonic()
-        with pytest.raises(NightlyBusy, match=r"another nightly run holds .*\.nightly\.lock since .*pid "
-                                              rf"{first.pid}\), exiting"):
+        with pytest.raises(NightlyBusy, match=r"another run holds .*\.nightly\.lock since .*pid "
+                                              rf"{first.pid}, nightly\), exiting"):
             nightly(project, 2.0)
         assert time.monotonic() - t0 < 3.0
         assert cli(["nightly", "--params", "params.yaml"]) == 2          # the CLI says so and exits

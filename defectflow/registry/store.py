@@ -190,18 +190,23 @@ class Registry:
             log.info("registry: pruned versions %s (registry.keep: %d)", gone, self.keep)
         return gone
 
-    def clean_stale(self) -> list[Path]:
-        """Remove copies a killed run left: ``.tmp-*`` folders and artifact folders no version points at."""
-        removed = list(self.root.glob(".tmp-*")) if self.root.is_dir() else []
+    def clean_stale(self, min_age_s: float = 0.0) -> tuple[list[Path], list[Path]]:
+        """(removed, kept): copies a killed run left (``.tmp-*`` folders, artifact folders no version
+        points at); those changed in the last ``min_age_s`` are kept."""
+        from defectflow.cleanup import age_s
+
+        stale = sorted(self.root.glob(".tmp-*")) if self.root.is_dir() else []
         if self.exists and (self.root / "artifacts").is_dir():
             used = {v.path for v in self.list()}
-            removed += [p for p in (self.root / "artifacts").iterdir() if p not in used]
+            stale += [p for p in sorted((self.root / "artifacts").iterdir()) if p not in used]
+        kept = [p for p in stale if min_age_s > 0 and age_s(p) < min_age_s]
+        removed = [p for p in stale if p not in kept]
         for p in removed:
             shutil.rmtree(p, ignore_errors=True)
         if removed:
             log.info("registry: removed %d stale folder(s) left by an interrupted run: %s",
                      len(removed), [p.name for p in removed])
-        return removed
+        return removed, kept
 
 
 def champion_paths(root: Path | str) -> tuple[Path, Path, int] | None:
