@@ -235,10 +235,12 @@ def _check_demo(params: Params, inp: Path) -> None:
                                f"with `python -m defectflow.cli demo` (make demo)")
 
 
-def _run_images(params: Params, inp: Path, out: StageOutput, report: StageReport) -> None:
+def _run_images(params: Params, inp: Path, out: StageOutput, report: StageReport,
+                rows: tuple[int, int] | None = None) -> None:
     from defectflow.sources.images import load_items
     reason = "images source: no video to decode"
-    df = load_items(params).copy()
+    df = load_items(params)
+    df = (df if rows is None else df.iloc[rows[0]:rows[1]]).reset_index(drop=True).copy()
     df["is_center"] = True
     write_manifest(df, FRAMES, out.manifest, meta={"skipped": reason, "source": "images"})
     report.read.append(str(inp))
@@ -393,16 +395,17 @@ def _check_counts(scans: list[tuple], products: _Products, report: StageReport) 
 
 
 def run(params: Params, inp: Path, out_dir: Path, mapper: Mapper | None = None,
-        runs: list[str] | None = None) -> StageReport:
+        runs: list[str] | None = None, rows: tuple[int, int] | None = None) -> StageReport:
     """Frames stage: ``inp`` is the source folder (params.source.path); writes ``out_dir``.
 
     Videos are units (``video_units`` / ``run_unit``) mapped by ``mapper`` (default: serially);
-    ``runs``: only the videos of these runs (the score flow's chunks).
+    ``runs``: only the videos of these runs; ``rows``: only the images source's rows ``[start, stop)``
+    (the score flow's chunks).
     """
     inp = Path(inp)
     with stage_run("frames", out_dir) as (out, report):
         if params.source.kind == "images":
-            _run_images(params, inp, out, report)
+            _run_images(params, inp, out, report, rows)
         else:
             _run_videos(params, inp, out, report, mapper, runs)
     return report
