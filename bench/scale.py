@@ -105,7 +105,7 @@ def measure_score(proj: Path, env: dict, scale: dict, source: Path, out: str) ->
     shutil.rmtree(proj / out, ignore_errors=True)
     proc, wall, peak = _peak_run([sys.executable, "-m", "flows.score", "--source", str(source), "--kind", "videos",
                                   "--out", out], proj, env)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")))
     shutil.rmtree(proj / out / "work", ignore_errors=True)
     return {"views": result["views"], "chunks": result["chunks"], "score_parts": result["score_parts"],
             "score_s": result["score_s"], "images_per_s": round(result["views"] / result["score_s"], 1),
