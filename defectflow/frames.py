@@ -15,8 +15,9 @@ reaching in and out or an object left standing do not count). Passes are numbere
 order of their crossing. Also written per video: ``tracks/<run>_<camera>.parquet``, every track's
 box at every tracked frame (detect masks the products out of its background plate with it).
 
-The video is decoded once, front to back (``defectflow/video_decode.py``: MJPG videos keep their
-JPEG bytes, other codecs are decoded and kept frames written as PNG on a background thread).
+The video is decoded once, front to back, and tracked by ``defectflow/video_scan.py`` (decoding in
+``video_decode.py``: MJPG videos keep their JPEG bytes, other codecs are decoded and kept frames written
+as PNG on a background thread here).
 For the ``images`` source there is no video: the items are forwarded (``is_center`` true).
 """
 from __future__ import annotations
@@ -26,15 +27,12 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from defectflow.config import FramesParams, Params
 from defectflow.imgops import safe_name
@@ -42,88 +40,20 @@ from defectflow.manifest import FRAMES, write_manifest
 from defectflow.sources.videos import (DEFAULT_LANE, Products, VideoReadError, VideoSourceError, load_passes,
                                        load_videos)
 from defectflow.stage import StageOutput, StageReport, logger, stage_run
-from defectflow.tracking.lanes import WORK_WIDTH, Grid, lanes_for_camera
 from defectflow.tracking.scan import VideoTracker
 from defectflow.tracking.tracker import Capture
 from defectflow.units import Mapper, Unit, UnitResult, map_units
 from defectflow.units.core import quarantine_meta, results
-from defectflow.video_decode import JpegStream, Payload, VideoScan, decoded_frames
+from defectflow.video_decode import Payload, VideoScan
+from defectflow.video_scan import scan_video
 
 # kept frames of non-MJPG videos: zlib level 1, RLE, "up" filter: the fastest lossless setting measured
 # (1.4 ms for 320x240 vs 1.8 ms OpenCV's default and 2.8 ms level 1 alone), files as small as level 1's
 PNG_ARGS = (cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
             cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP)
-PROGRESS_EVERY = 500        # frames between progress-bar updates
 TRACK_LOG_COLUMNS = ["frame_index", "lane", "track_id", "x0", "y0", "x1", "y1"]
 
 log = logger("frames")
-
-
-# ----------------------------------------------------------------------------- one video
-
-def scan_video(path: Path | str, fp: FramesParams, on_capture: Callable[[Capture, VideoScan], None],
-               camera: str = "cam0") -> tuple[VideoScan, VideoTracker | None]:
-    """Decode ``path`` once, calling ``on_capture(capture, scan)`` for each counted product (with its frames).
-
-    A capture's frames are BGR arrays, or JPEG bytes when the MJPG passthrough was used
-    (``scan.jpeg``). Raises VideoReadError when the file cannot be opened; a truncated or
-    undecodable stream is reported in ``VideoScan.problem`` (the captures seen so far have been
-    handed on). Returns the scan and the video's tracker (track log, plate; None without frames).
-    """
-    jpeg = JpegStream.open(path) if fp.jpeg_passthrough else None
-    cap = jpeg.cap if jpeg else cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise VideoReadError(f"{path}: cannot open the video (unreadable, corrupt or not a video file)")
-    scan = VideoScan(str(path), cap.get(cv2.CAP_PROP_FPS) or 0.0, max(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), 0),
-                     jpeg=jpeg is not None)
-    vt = None
-    try:
-        if jpeg:
-            shape = jpeg.shape
-            stream = ((t, pkt, pkt) for t, pkt in jpeg.packets(scan))
-        else:
-            frames = decoded_frames(cap, scan)
-            first = next(frames, None)
-            shape = first[1].shape if first is not None else None
-            stream = ((t, f, f) for t, f in chain([first], frames)) if first is not None else iter(())
-        if shape is not None:
-            lanes = lanes_for_camera(fp, camera, shape[1], shape[0])
-            reduce = 1
-            if jpeg:
-                xs = np.vstack([ln.polygon for ln in lanes])[:, 0]
-                jpeg.set_reduce(float(np.ptp(xs)), WORK_WIDTH)
-                reduce = jpeg.reduce
-            grid = Grid(lanes, shape, reduce)
-            vt = VideoTracker(lanes, grid, fp)
-            _track_stream(stream, jpeg, grid, vt, scan, on_capture)
-    finally:
-        cap.release()
-    scan.finish()
-    return scan, vt
-
-
-def _track_stream(stream, jpeg: JpegStream | None, grid: Grid, vt: VideoTracker, scan: VideoScan,
-                  on_capture) -> None:
-    bar = tqdm(total=scan.expected or None, desc=Path(scan.path).name, unit="frame", disable=None, leave=False)
-    try:
-        for t, raw, decodable in stream:
-            small = None
-            if vt.wants(t):
-                img = jpeg.grey(decodable) if jpeg else decodable
-                if img is None:
-                    scan.bad_frame = t
-                    break
-                small = grid.small(img)
-            payload: Payload = raw.tobytes() if jpeg else raw
-            for c in vt.feed(t, payload, small):
-                on_capture(c, scan)
-            if t % PROGRESS_EVERY == 0 and t:
-                bar.update(PROGRESS_EVERY)
-        for c in vt.flush():
-            on_capture(c, scan)
-    finally:
-        bar.close()
-    scan.n_tracks, scan.n_dropped = vt.n_tracks, vt.n_rejected
 
 
 # ----------------------------------------------------------------------------- stage
@@ -212,10 +142,12 @@ def _check_demo(params: Params, inp: Path) -> None:
                                f"with `python -m defectflow.cli demo` (make demo)")
 
 
-def _run_images(params: Params, inp: Path, out: StageOutput, report: StageReport) -> None:
+def _run_images(params: Params, inp: Path, out: StageOutput, report: StageReport,
+                rows: tuple[int, int] | None = None) -> None:
     from defectflow.sources.images import load_items
     reason = "images source: no video to decode"
-    df = load_items(params).copy()
+    df = load_items(params)
+    df = (df if rows is None else df.iloc[rows[0]:rows[1]]).reset_index(drop=True).copy()
     df["is_center"] = True
     write_manifest(df, FRAMES, out.manifest, meta={"skipped": reason, "source": "images"})
     report.read.append(str(inp))
@@ -377,16 +309,17 @@ def _check_counts(scans: list[tuple], products: Products, report: StageReport) -
 
 
 def run(params: Params, inp: Path, out_dir: Path, mapper: Mapper | None = None,
-        runs: list[str] | None = None) -> StageReport:
+        runs: list[str] | None = None, rows: tuple[int, int] | None = None) -> StageReport:
     """Frames stage: ``inp`` is the source folder (params.source.path); writes ``out_dir``.
 
     Videos are units (``video_units`` / ``run_unit``) mapped by ``mapper`` (default: serially);
-    ``runs``: only the videos of these runs (the score flow's chunks).
+    ``runs``: only the videos of these runs; ``rows``: only the images source's rows ``[start, stop)``
+    (the score flow's chunks).
     """
     inp = Path(inp)
     with stage_run("frames", out_dir) as (out, report):
         if params.source.kind == "images":
-            _run_images(params, inp, out, report)
+            _run_images(params, inp, out, report, rows)
         else:
             _run_videos(params, inp, out, report, mapper, runs)
     return report

@@ -48,3 +48,25 @@ def test_plain_folder_is_scored_as_unknown(tmp_path):
     df = load_items(p)
     assert len(df) == 5 and (df.label == "unknown").all() and (df.split == "test").all()
     assert set(df.item_id) == {"good/000", "good/001", "good/002", "scratch/000", "scratch/001"}
+
+
+def test_images_are_streamed_in_row_chunks_that_cover_the_source_once(tmp_path):
+    import pandas as pd
+
+    from defectflow import frames
+    from defectflow.units.chunks import image_chunks
+
+    root = make_mvtec(tmp_path / "bottle", n_good=4, n_bad=3)
+    p = params_from_dict({"source": {"kind": "images", "path": str(root / "test")}})
+    chunks = image_chunks(len(load_items(p)), 3)
+    assert chunks == [(0, 3), (3, 6), (6, 7)]
+    parts = []
+    for k, rows in enumerate(chunks):
+        frames.run(p, root / "test", tmp_path / f"chunk{k}", rows=rows)
+        parts.append(pd.read_parquet(tmp_path / f"chunk{k}/manifest.parquet"))
+    frames.run(p, root / "test", tmp_path / "all")
+    whole = pd.read_parquet(tmp_path / "all/manifest.parquet")
+    assert [len(x) for x in parts] == [3, 3, 1] and whole["is_center"].all()
+    pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), whole)
+    with pytest.raises(ValueError, match="per_chunk"):
+        image_chunks(5, 0)

@@ -448,3 +448,41 @@ def test_score_run_report_has_no_label_based_parts(pipeline, tmp_path):
     assert "products inspected" in html and "Metrics (test images)" not in html and "Worst false alarms" not in html
     assert (tmp_path / "report" / "report.pdf").is_file()
     assert json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])["kind"] == "score"
+
+
+def test_score_run_in_parts_gives_the_scores_of_one_pass_whatever_runs_the_parts(pipeline, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from defectflow.reporting.score_run import centre_rows, merge_scored, score_and_report, score_part
+    from defectflow.units.chunks import row_parts
+
+    root, inp, params = pipeline
+    df = read_manifest(inp / "manifest.parquet", SYNTH)
+    new = df[df.split == "test"].assign(label="unknown", defect_type=None)
+    thr = json.loads((root / "threshold.json").read_text())
+    map_thr = thr["conv"]["map_threshold"] if thr.get("conv") else None
+    centre = centre_rows(new)
+    parts = row_parts(centre, 3)
+    assert [len(x) for x in parts] == [3, 3, 2]
+    serial = merge_scored([score_part(params, x, root / "model", map_thr) for x in parts])
+    with ThreadPoolExecutor(2) as pool:                 # as the threads runner: parts at once, any order
+        threaded = merge_scored(list(pool.map(lambda x: score_part(params, x, root / "model", map_thr), parts)))
+    pd.testing.assert_frame_equal(serial[0], threaded[0])
+    assert (serial[1] is None) == (threaded[1] is None)
+    if serial[1] is not None:
+        assert serial[1].shape[0] == 8
+        np.testing.assert_array_equal(serial[1], threaded[1])
+    whole = score_part(params, centre, root / "model", map_thr)          # one pass (batch of 8)
+    np.testing.assert_allclose(serial[0]["score"], whole[0]["score"], rtol=1e-5, atol=1e-6)
+    assert list(serial[0].index) == list(whole[0].index) == list(range(8))
+    calls = []
+
+    def scorer(rows, mt):
+        calls.append(len(rows))
+        return serial
+    scored, verdicts, qa, _ = score_and_report(params, new, root / "model", thr, inp / "manifest.parquet",
+                                               tmp_path / "report", history_file=tmp_path / "runs.jsonl", scorer=scorer)
+    assert calls == [8] and qa["inspected"] == len(verdicts) == 8
+    np.testing.assert_array_equal(scored["score"], serial[0]["score"])
+    with pytest.raises(ValueError, match="no scored parts"):
+        merge_scored([])

@@ -3,6 +3,7 @@
 (The threads runner against the serial map is the same comparison; tests/test_units.py checks that the
 order units run in does not matter. One Prefect run here keeps the test near a minute.)"""
 import hashlib
+import json
 import importlib
 import os
 import shutil
@@ -69,3 +70,26 @@ def test_dask_cluster_gives_the_manifests_of_the_default_runner(tmp_path, monkey
                                       pd.read_parquet(dask / "manifest.parquet"))
         assert _digests(threads) == _digests(dask), stage
         assert len(list((store / "units" / stage).iterdir())) == 4, stage    # workers wrote one entry per video
+
+
+def test_a_unit_whose_dask_worker_dies_is_rerun_on_another_worker(tmp_path):
+    """The first attempt at unit u2 kills its worker process (``os._exit``); Dask reschedules it on the
+    other worker (Prefect retries off) and the map completes with every unit's right result."""
+    pytest.importorskip("prefect_dask")
+    root = Path(__file__).resolve().parents[1]
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]),
+           "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    with prefect_server(home=tmp_path / "prefect") as api_url:
+        env["PREFECT_API_URL"] = api_url
+        proc = subprocess.run([sys.executable, str(root / "tests/dask_fakes.py"), str(tmp_path / "out"), str(markers)],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT=")[-1])
+    dead_pid = int((markers / "u2").read_text())                    # the attempt that killed its worker ran
+    assert result["errors"] == []
+    assert [r["unit"] for r in result["rows"]] == [f"u{i}" for i in range(6)]
+    assert [r["square"] for r in result["rows"]] == [i * i for i in range(6)]
+    assert next(r["pid"] for r in result["rows"] if r["unit"] == "u2") != dead_pid
+    assert {p.name: p.read_text() for p in (tmp_path / "out").glob("*.txt")} == {f"u{i}.txt": str(i * i) for i in range(6)}

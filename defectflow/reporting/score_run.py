@@ -1,9 +1,16 @@
 """The report of a score run (new, unlabeled footage): the same page and qa.json as evaluate's, without
-the label-based parts, written atomically into ``OUT/report/``."""
+the label-based parts, written atomically into ``OUT/report/``.
+
+Scoring can be cut into parts (``score_part`` on consecutive rows, e.g. one Prefect task each) and the
+parts joined (``merge_scored``) before the report: the result is the same as scoring all rows at once.
+"""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from defectflow import layout
@@ -12,25 +19,74 @@ from defectflow.reporting.build import ReportInputs, build_report
 from defectflow.stage import StageReport, logger, stage_run
 
 log = logger("score")
+Scored = tuple[pd.DataFrame, "np.ndarray | None"]
+_HEADS: dict[tuple, object] = {}
+_HEADS_LOCK = threading.Lock()
+
+
+def centre_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The views a score run scores: the ``is_center`` rows, renumbered, marked not synthetic."""
+    centre = rows[rows["is_center"].astype(bool)].reset_index(drop=True)
+    centre["synthetic"] = False
+    return centre
+
+
+def _heads(model_dir: Path):
+    """The model folder's heads, loaded once per process (and again when a file in it changes)."""
+    from defectflow.scoring import load_heads
+
+    d = Path(model_dir).resolve()
+    key = (str(d), tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in d.iterdir() if p.is_file())))
+    with _HEADS_LOCK:
+        if key not in _HEADS:
+            _HEADS.clear()
+            _HEADS[key] = load_heads(d)
+        return _HEADS[key]
+
+
+def score_part(params: Params, rows: pd.DataFrame, model_dir: Path | str, map_threshold: float | None,
+               progress: bool = False) -> Scored:
+    """Score ``rows`` (index kept) with every head, keeping the conv head's maps: ``score_with_maps``'s answer."""
+    from defectflow.scoring import score_with_maps
+
+    return score_with_maps(rows, model_dir, params, model=_heads(Path(model_dir)), progress=progress,
+                           keep_maps=True, map_threshold=map_threshold)
+
+
+def merge_scored(parts: list[Scored]) -> Scored:
+    """Parts scored by ``score_part`` (in row order) as one: rows, skipped images, maps concatenated."""
+    if not parts:
+        raise ValueError("no scored parts to merge")
+    scored = pd.concat([p[0] for p in parts])
+    scored.attrs = {"scored_by": parts[0][0].attrs.get("scored_by"),
+                    "skipped": [s for p in parts for s in p[0].attrs.get("skipped", [])]}
+    amaps = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
+    return scored, amaps
 
 
 def score_and_report(params: Params, rows: pd.DataFrame, model_dir: Path, thr_info: dict, data_manifest: Path,
-                     out_dir: Path, history_file: Path | None = layout.HISTORY_FILE
+                     out_dir: Path, history_file: Path | None = layout.HISTORY_FILE,
+                     scorer: Callable[[pd.DataFrame, float | None], Scored] | None = None
                      ) -> tuple[pd.DataFrame, pd.DataFrame, dict, StageReport]:
     """Score every view of ``rows`` (ROI rows of all frames; the ``is_center`` ones are scored), judge
-    the products, annotate the videos and write the report: (scored, verdicts, qa, report)."""
+    the products, annotate the videos and write the report: (scored, verdicts, qa, report).
+
+    ``scorer(centre, map_threshold)``: how the centre views are scored (default: ``score_part`` on all of
+    them; the score flow maps parts of them through its task runner)."""
     from defectflow.annotate import annotate_videos
     from defectflow.evaluate import flagged_boxes, histogram_table
     from defectflow.reporting.plots import hist_plot
-    from defectflow.scoring import product_verdicts, score_with_maps
+    from defectflow.scoring import product_verdicts
 
     threshold = float(thr_info["threshold"])
-    centre = rows[rows["is_center"].astype(bool)].reset_index(drop=True)
-    centre["synthetic"] = False
+    centre = centre_rows(rows)
     conv_info = thr_info.get("conv")
     map_thr = float(conv_info["map_threshold"]) if conv_info else None
     with stage_run("score-report", out_dir) as (out, report):
-        scored, amaps = score_with_maps(centre, model_dir, params, progress=True, keep_maps=True, map_threshold=map_thr)
+        if scorer is None:
+            scored, amaps = score_part(params, centre, model_dir, map_thr, progress=True)
+        else:
+            scored, amaps = scorer(centre, map_thr)
         scored["pred_defect"] = scored["score"] >= threshold
         verdicts = product_verdicts(scored, threshold)
         boxes = flagged_boxes(scored, amaps, map_thr, params) if amaps is not None and map_thr is not None else None
