@@ -114,7 +114,16 @@ def greedy_kcenter(p: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarra
 
 def coreset(x: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
     """Sorted indices of a greedy k-center coreset of ``size`` rows of ``x`` ``(n, d)`` (see the module docstring).
-    Rows are projected chunk by chunk: no projected copy of the whole set is held."""
+    Rows are projected chunk by chunk: no projected copy of the whole set is held. The greedy steps are small
+    matrix-vector products: they run on one BLAS thread (threads of a shared pool only wait on each other
+    there: 16,384 of 752k screw patches took 262 s with the default pool on a loaded box)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _coreset(x, size, seed)
+
+
+def _coreset(x: np.ndarray, size: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     n, d = x.shape
     if size >= n:
@@ -144,6 +153,9 @@ class PatchMemory:
             raise ValueError(f"PatchMemory: bank must be (M, C) with M >= 1, got {bank.shape}")
         self.bank = bank
         self.bank_sq = (bank * bank).sum(1)
+        # ||q - b||^2 = ||q||^2 + (||b||^2 - 2 q.b): the bracket for every b is one product of [q, 1] with
+        # [-2 b, ||b||^2]; ||q||^2 is added after the minimum (one (n, M) array, not three)
+        self._folded = np.ascontiguousarray(np.concatenate([-2.0 * bank, self.bank_sq[:, None]], axis=1).T)
 
     @classmethod
     def fit(cls, patches: np.ndarray, size: int, seed: int = 0) -> "PatchMemory":
@@ -165,8 +177,8 @@ class PatchMemory:
         out = np.empty(len(q), np.float32)
         for i in range(0, len(q), block):
             a = q[i:i + block]
-            d = (a * a).sum(1)[:, None] - 2.0 * (a @ self.bank.T) + self.bank_sq[None, :]
-            out[i:i + block] = np.sqrt(np.maximum(d.min(axis=1), 0.0))
+            near = (np.concatenate([a, np.ones((len(a), 1), np.float32)], axis=1) @ self._folded).min(axis=1)
+            out[i:i + block] = np.sqrt(np.maximum(near + (a * a).sum(1), 0.0))
         return out
 
     def verify(self, queries: np.ndarray) -> np.ndarray:
