@@ -3,15 +3,11 @@
 A scratch git + DVC repo with a tiny stage shaped like evaluate; ``dvc exp run`` is checked to lose the
 plots (why the recipe saves instead)."""
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-DVC = Path(sys.executable).parent / "dvc"
+from tests.test_dvc_remote import DVC, dvc_env
+from tests.test_dvc_remote import _run as _run_both
 MAKE = """import json, os, yaml
 gain = yaml.safe_load(open("params.yaml"))["gain"]
 os.makedirs("reports", exist_ok=True)
@@ -38,9 +34,7 @@ plots:
 
 
 def _run(args, cwd, env):
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"{args}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
-    return proc.stdout
+    return _run_both(args, cwd, env, stderr=False)
 
 
 def _retrain(repo, env, gain, name):
@@ -50,11 +44,7 @@ def _retrain(repo, env, gain, name):
 
 
 def test_two_saved_retrains_compare_with_exp_show_and_plots_diff_without_committing_reports(tmp_path):
-    if not DVC.is_file() or not shutil.which("git"):
-        pytest.skip("dvc or git missing")
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = dvc_env()
     repo = tmp_path / "project"
     repo.mkdir()
     _run(["git", "init", "-q"], repo, env)
