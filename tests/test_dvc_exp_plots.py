@@ -43,8 +43,8 @@ def _retrain(repo, env, gain, name):
     _run([str(DVC), "exp", "save", "-q", "-n", name], repo, env)
 
 
-def test_two_saved_retrains_compare_with_exp_show_and_plots_diff_without_committing_reports(tmp_path):
-    env = dvc_env()
+def scratch_project(tmp_path, env):
+    """A git + DVC repo with the evaluate-like stage, committed; ``reports/`` gitignored."""
     repo = tmp_path / "project"
     repo.mkdir()
     _run(["git", "init", "-q"], repo, env)
@@ -55,6 +55,12 @@ def test_two_saved_retrains_compare_with_exp_show_and_plots_diff_without_committ
     (repo / ".gitignore").write_text("/reports/\n")
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-q", "-m", "init"], repo, env)
+    return repo
+
+
+def test_two_saved_retrains_compare_with_exp_show_and_plots_diff_without_committing_reports(tmp_path):
+    env = dvc_env()
+    repo = scratch_project(tmp_path, env)
     head = _run(["git", "rev-parse", "HEAD"], repo, env)
 
     # dvc exp run alone keeps only git-tracked files: the gitignored plots are gone from the experiment
