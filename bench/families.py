@@ -1,6 +1,6 @@
 """Defect families against the true defect types: adjusted Rand index (ARI), before / after.
 
-    python bench/families.py [--magtile-src ../shared/datasets/magnetic_tile] [--demo-dir DIR] [--demo-qa reports/qa.json]
+    python bench/families.py [--magtile-src ../shared/datasets/magnetic_tile] [--demo-dir DIR] [--demo-qa reports/qa.json] [--seed 0]
 
 Two feature sets, each clustered by the report's rule (defectflow.reporting.families: PCA 10, k-means,
 k by silhouette over 2..8) and, for reference, with k = the number of true types:
@@ -75,7 +75,7 @@ def batched_maps(mx: MapExtractor, images: list, batch: int = 32) -> list[np.nda
 
 
 def magtile(src: Path, seed: int = 0, pooled_levels: bool = False) -> dict:
-    out = Path(tempfile.gettempdir()) / "magnetic_tile_mvtec_families"
+    out = Path(tempfile.gettempdir()) / ("magnetic_tile_mvtec_families" + (f"_s{seed}" if seed else ""))
     build(src, out, seed)
     defects = sorted(p for p in (out / "test").glob("*/*.jpg") if p.parent.name != "good")
     types = np.array([p.parent.name for p in defects])
@@ -134,9 +134,11 @@ def main() -> int:
     ap.add_argument("--magtile-src", type=Path, default=REPO.parent / "shared" / "datasets" / "magnetic_tile")
     ap.add_argument("--demo-dir", type=Path, default=Path(tempfile.gettempdir()) / "defectflow_families_demo")
     ap.add_argument("--demo-qa", type=Path, default=REPO / "reports" / "qa.json")
+    ap.add_argument("--seed", type=int, default=0, help="layout split, good-image draw, k-means and patch bank")
     ap.add_argument("--pooled-levels", action="store_true", help="also the pooled features of each level alone")
     args = ap.parse_args()
-    out = {"magnetic_tile": magtile(args.magtile_src, pooled_levels=args.pooled_levels), "demo": demo(args.demo_dir)}
+    out = {"seed": args.seed, "magnetic_tile": magtile(args.magtile_src, args.seed, args.pooled_levels),
+           "demo": demo(args.demo_dir, args.seed)}
     if args.demo_qa.is_file():
         fam = json.loads(args.demo_qa.read_text()).get("families") or {}
         out["demo_report"] = {k: fam.get(k) for k in ("k", "ari", "n", "silhouettes")}
