@@ -35,7 +35,7 @@ def patch_grid(maps: Sequence[np.ndarray]) -> np.ndarray:
     return grid.flatten(2).transpose(1, 2).contiguous().numpy()
 
 
-def nearest(query: np.ndarray, bank: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def nearest(query: np.ndarray, bank: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """Euclidean distance to and index of the nearest ``bank`` row for each ``query`` row."""
     bank = np.asarray(bank, np.float32)
     bn = (bank ** 2).sum(1)
