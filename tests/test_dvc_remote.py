@@ -12,18 +12,23 @@ DVC = Path(sys.executable).parent / "dvc"
 STAGE_CMD = "python -c \"import pathlib; p = pathlib.Path('out'); p.mkdir(); (p / 'a.txt').write_text('unit 7')\""
 
 
-def _run(args, cwd, env):
+def _run(args, cwd, env, stderr: bool = True):
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{args}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
-    return proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr if stderr else proc.stdout
+
+
+def dvc_env() -> dict:
+    """The environment of a scratch git + DVC repo (skips the test without dvc or git)."""
+    if not DVC.is_file() or not shutil.which("git"):
+        pytest.skip("dvc or git missing")
+    return {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 def test_an_output_pushed_to_a_folder_remote_is_pulled_by_a_fresh_clone(tmp_path):
-    if not DVC.is_file() or not shutil.which("git"):
-        pytest.skip("dvc or git missing")
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = dvc_env()
     a, store = tmp_path / "machine_a", tmp_path / "store"
     a.mkdir()
     _run(["git", "init", "-q"], a, env)

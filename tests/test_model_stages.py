@@ -158,6 +158,8 @@ def test_evaluate_writes_metrics_plots_and_report(pipeline):
     assert qa["flagged"] == m["n_products_flagged"] and len(qa["flagged_products"]) == qa["flagged"]
     assert qa["card"]["model_version"] and qa["card"]["params_hash"] and qa["card"]["data_hash"]
     assert "Threshold policy and model card" in html and "Defect families" in html and "Split sizes" in html
+    assert qa["families"]["n"] >= 4 and len(qa["families"]["members"]) == qa["families"]["n"]   # region features
+    assert 'alt="families scatter"' in html and 'alt="family 1 example"' in html
     assert (rep / "report.pdf").read_bytes()[:5] == b"%PDF-"
     history = [json.loads(x) for x in (root / "data/history/runs.jsonl").read_text().splitlines()]
     assert history[-1]["kind"] == "evaluate" and history[-1]["inspected"] == 8

@@ -112,3 +112,48 @@ def test_product_tiles_show_every_camera_crop_in_its_colours(tmp_path):
     means = [cv2.imdecode(np.frombuffer(base64.b64decode(t["crop"]), np.uint8), cv2.IMREAD_COLOR).mean()
              for t in tiles["p1"]]
     assert abs(means[0] - 90) < 3 and abs(means[1] - 200) < 3
+
+
+def test_region_features_group_by_the_kind_of_anomaly_not_its_place_or_strength():
+    from defectflow.reporting.region_features import patch_grid, region_features
+
+    rng = np.random.default_rng(1)
+    kinds = rng.normal(0, 1, (2, 2, 12))                  # per kind: an offset of level 0 and of level 1
+    looks = 4 * rng.normal(0, 1, (2, 2, 12))              # two looks of the whole item, normal ones too
+
+    def maps(looked):
+        out = [rng.normal(0, .5, (len(looked), 12, 8, 8)), rng.normal(0, .5, (len(looked), 12, 4, 4))]
+        for level in (0, 1):
+            out[level] += looks[looked, level][:, :, None, None]
+        return [m.astype(np.float32) for m in out]
+
+    truth = np.repeat([0, 1], 8)
+    ref = maps(np.arange(30) % 2)
+    flag = maps(np.arange(16) // 4 % 2)                  # looks cross the kinds
+    for i, kind in enumerate(truth):
+        y, x = (int(v) for v in rng.integers(0, 3, 2))      # a place on the 4 x 4 grid
+        strength = rng.uniform(2, 4)                      # below the looks' difference
+        flag[0][i, :, 2 * y:2 * y + 2, 2 * x:2 * x + 2] += strength * kinds[kind, 0][:, None, None]
+        flag[1][i, :, y, x] += strength * kinds[kind, 1]
+    assert patch_grid(flag).shape == (16, 16, 24)
+    feats = region_features(flag, ref)
+    assert feats.shape == (16, 24) and np.allclose(np.linalg.norm(feats, axis=1), 1.0)
+    res = fam.cluster_families(feats, None, seed=0, picture=False)
+    assert fam.adjusted_rand(truth, res.labels) > 0.8
+    assert fam.adjusted_rand(truth, fam.cluster_families(feats, None, seed=0, k=2, picture=False).labels) == 1.0
+    # global pooled features of the same items group the looks, not the kinds
+    pooled = np.concatenate([m.mean(axis=(2, 3)) for m in flag], axis=1)
+    ref_pooled = np.concatenate([m.mean(axis=(2, 3)) for m in ref], axis=1)
+    assert fam.adjusted_rand(truth, fam.cluster_families(pooled, ref_pooled, seed=0, k=2, picture=False).labels) < 0.3
+    with pytest.raises(ValueError, match="passed"):
+        region_features(flag, [m[:0] for m in ref])
+
+
+def test_nearest_matches_brute_force_across_chunks():
+    from defectflow.reporting.region_features import nearest
+
+    rng = np.random.default_rng(2)
+    q, bank = rng.normal(0, 1, (50, 6)), rng.normal(0, 1, (40, 6))
+    full = np.linalg.norm(q[:, None] - bank[None], axis=2)
+    dist, idx = nearest(q, bank, chunk=7)
+    assert (idx == full.argmin(1)).all() and np.allclose(dist, full.min(1), atol=1e-4)

@@ -101,14 +101,13 @@ def family_section(inp: ReportInputs, labelled: bool) -> tuple[dict | None, str]
     t0 = time.perf_counter()
     passed = s[~s["pred_defect"].astype(bool)]
     passed = passed.sample(min(len(passed), 200), random_state=inp.params.seed)
-    feats = fam.item_features(list(flagged["image_path"]) + list(passed["image_path"]), inp.model_dir, inp.params)
-    if feats is None:
-        return None, "No defect families: they need the image head's backbone features (train.head: image or both)."
-    ok = np.isfinite(feats).all(axis=1)
-    f_flag, f_ref = feats[: len(flagged)], feats[len(flagged):][ok[len(flagged):]]
-    keep = ok[: len(flagged)]
-    flagged, f_flag = flagged[keep].reset_index(drop=True), f_flag[keep]
-    result = fam.cluster_families(f_flag, f_ref, seed=inp.params.seed)
+    got = fam.item_features(flagged["image_path"], passed["image_path"], inp.model_dir, inp.params)
+    if got is None:
+        return None, ("No defect families: they need the image head's backbone settings (train.head: image or both) "
+                      "and readable passed images.")
+    f_flag, keep = got
+    flagged = flagged[keep].reset_index(drop=True)
+    result = fam.cluster_families(f_flag, None, seed=inp.params.seed)
     if result is None:
         return None, "Too few readable flagged images to group."
     types = flagged["defect_type"] if "defect_type" in flagged else pd.Series([None] * len(flagged))
@@ -127,7 +126,7 @@ def family_section(inp: ReportInputs, labelled: bool) -> tuple[dict | None, str]
     return {"rule": fam.__doc__.split("Rule: ")[1].split("\n\n")[0].replace("\n", " "), "k": result.k,
             "silhouettes": result.silhouettes, "ari": ari, "n": int(len(flagged)), "clusters": clusters,
             "members": [{"item_id": str(i), "family": int(c) + 1} for i, c in zip(flagged["item_id"], result.labels)],
-            "scatter": _b64(scatter_plot(result.xy, result.labels, "flagged images, t-SNE of their features"))}, ""
+            "scatter": _b64(scatter_plot(result.xy, result.labels, "flagged images, t-SNE of their region features"))}, ""
 
 
 def _policy(thr_info: dict) -> list[tuple[str, str]]:

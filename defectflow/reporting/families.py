@@ -1,9 +1,10 @@
-"""Defect families (seed 003, section 5.2): the flagged items clustered on their backbone features.
+"""Defect families (seed 003, section 5.2): the flagged items clustered on the features of their
+anomalous region (:mod:`defectflow.reporting.region_features`).
 
-Rule: features standardised against the passed items (their mean removed, divided by their spread:
-what is left is how an item differs from normal), PCA to at most 10 components, k-means for every
-k in 2..8 (at most n - 1), and k = the one with the highest silhouette. t-SNE of the PCA
-components draws the scatter (picture only; clusters come from k-means).
+Rule: each flagged item's region features (its backbone patches minus their nearest passed patches,
+pooled with weights rising with the patch's distance to normal, unit length), standardised, PCA to
+at most 10 components, k-means for every k in 2..8 (at most n - 1), and k = the one with the highest
+silhouette. t-SNE of the PCA components draws the scatter (picture only; clusters come from k-means).
 """
 from __future__ import annotations
 
@@ -69,15 +70,23 @@ def adjusted_rand(true_types, labels) -> float | None:
     return float(adjusted_rand_score(t.astype(str), labels)) if len(t) >= 2 else None
 
 
-def item_features(paths, model_dir, params) -> np.ndarray | None:
-    """Pooled backbone features (N, D) of image files with the model's own extractor (the image head's);
-    None when the model has no image head."""
+def item_features(flag_paths, ref_paths, model_dir, params) -> tuple[np.ndarray, np.ndarray] | None:
+    """Region features (N, C) of the readable flagged image files against the passed ones, with the
+    backbone settings of the model's image head, and the (N,) readable mask of ``flag_paths``;
+    None when the model has no image head or no passed image is readable."""
     from pathlib import Path
 
+    from defectflow.conv_head import extract_maps, map_extractor
+    from defectflow.reporting.region_features import LEVELS, region_features
     from defectflow.scoring import MODEL_FILE, load_model
 
     if not (Path(model_dir) / MODEL_FILE).is_file():
         return None
-    fx = load_model(model_dir).extractor(params)
-    feats = fx.extract(list(paths), n_transforms=1, on_bad_image="skip")
-    return feats.mean(axis=1)
+    model = load_model(model_dir)
+    fx = model.extractor(params)                           # checks the backbone weights are the training ones
+    mx = map_extractor({**model.features, "levels": list(LEVELS), "input_norm": fx.input_norm}, params)
+    flag_maps, ok, _ = extract_maps(mx, list(flag_paths), on_bad_image="skip", desc="family maps")
+    ref_maps, ref_ok, _ = extract_maps(mx, list(ref_paths), on_bad_image="skip", desc="family maps")
+    if not ok.any() or not ref_ok.any():
+        return None
+    return region_features(flag_maps, ref_maps, seed=params.seed), ok

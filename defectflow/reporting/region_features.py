@@ -1,0 +1,71 @@
+"""Features of an item's anomalous region, for the defect families (seed 003, section 5.2).
+
+Backbone maps (levels 0 and 1: stride 8 pooled onto the stride-16 grid, concatenated) of the flagged
+and the passed items; each patch standardised against the passed items' patches. A patch's anomaly
+is its distance d to the nearest passed patch (a PatchCore-style map, independent of the model's heads).
+An item's features: each patch minus its nearest passed patch (what is there instead of normal),
+averaged with softmax weights exp((d - max d) / std d) over the item's patches (so the most anomalous
+patches dominate, with no fixed region size), then scaled to unit length (the kind of deviation, not
+its strength).
+
+>>> feats = region_features(flag_maps, ref_maps)          # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+LEVELS = (0, 1)
+BANK_MAX = 16384        # passed patches kept for the nearest-neighbour search (random subset above it)
+
+
+def patch_grid(maps: Sequence[np.ndarray]) -> np.ndarray:
+    """Level maps ``[(N, C_i, h_i, w_i)]`` average-pooled onto the coarsest grid and concatenated:
+    ``(N, h * w, sum C)`` float32."""
+    import torch
+    import torch.nn.functional as F
+
+    if not maps:
+        raise ValueError("no feature maps")
+    h = min(m.shape[2] for m in maps)
+    w = min(m.shape[3] for m in maps)
+    parts = [F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(m, np.float32)), (h, w)) for m in maps]
+    grid = torch.cat(parts, dim=1)                         # (N, C, h, w)
+    return grid.flatten(2).transpose(1, 2).contiguous().numpy()
+
+
+def nearest(query: np.ndarray, bank: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean distance to and index of the nearest ``bank`` row for each ``query`` row."""
+    bank = np.asarray(bank, np.float32)
+    bn = (bank ** 2).sum(1)
+    dist = np.empty(len(query), np.float32)
+    idx = np.empty(len(query), np.int64)
+    for i in range(0, len(query), chunk):
+        q = np.asarray(query[i:i + chunk], np.float32)
+        d2 = (q ** 2).sum(1)[:, None] + bn[None, :] - 2.0 * q @ bank.T
+        j = d2.argmin(1)
+        idx[i:i + chunk] = j
+        dist[i:i + chunk] = np.sqrt(np.maximum(d2[np.arange(len(q)), j], 0.0))
+    return dist, idx
+
+
+def region_features(flag_maps: Sequence[np.ndarray], ref_maps: Sequence[np.ndarray], *,
+                    seed: int = 0) -> np.ndarray:
+    """Residual features ``(N, C)`` of the flagged items' anomalous regions (module docstring)."""
+    xf, xr = patch_grid(flag_maps), patch_grid(ref_maps)
+    if len(xr) < 1:
+        raise ValueError("region features need at least one passed (reference) item")
+    n, p, c = xf.shape
+    ref = xr.reshape(-1, c)
+    mu, sd = ref.mean(0), ref.std(0) + 1e-6
+    zf = (xf - mu) / sd
+    bank = (ref - mu) / sd
+    if len(bank) > BANK_MAX:
+        bank = bank[np.random.default_rng(seed).choice(len(bank), BANK_MAX, replace=False)]
+    dist, idx = nearest(zf.reshape(-1, c), bank)
+    dist, idx = dist.reshape(n, p), idx.reshape(n, p)
+    weights = np.exp((dist - dist.max(1, keepdims=True)) / (dist.std(1, keepdims=True) + 1e-6))
+    weights /= weights.sum(1, keepdims=True)
+    pooled = np.einsum("np,npc->nc", weights, zf - bank[idx])
+    return pooled / (np.linalg.norm(pooled, axis=1, keepdims=True) + 1e-9)
