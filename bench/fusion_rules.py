@@ -30,7 +30,7 @@ def rules(work: Path) -> dict:
            "mean": auc((z["image"] + z["conv"]) / 2), "max": auc(np.maximum(z["image"], z["conv"])),
            "lse": auc(np.logaddexp(z["image"], z["conv"])),
            "rss": auc(np.hypot(np.clip(z["image"], 0, None), np.clip(z["conv"], 0, None)))}
-    for w in (0.3, 0.7):
+    for w in (0.1, 0.2, 0.3, 0.5, 0.7):
         out[f"image_weight_{w}"] = auc(w * z["image"] + (1 - w) * z["conv"])
     return out
 
