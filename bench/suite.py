@@ -23,6 +23,11 @@ and ``knn`` (PatchCore-style, 10 % coreset). Fields: ``image_auroc`` (the defaul
 ``gauss``, ``knn``, ``pixel_auroc`` (and the kNN's), false-alarm rates (target, calibration, test
 with its 95 % interval, the good-score shift test), ``ms_per_image`` of scoring and
 ``score_vs_backbone`` (scoring images/s over one ONNX Runtime backbone pass per image, same run).
+
+Each dataset runs in a fresh child process, so its ``peak_rss_mb`` is its own (``--in-process``: one process,
+a running maximum). The baselines do not depend on the model's params: their figures are kept under
+``LAYOUTS/baselines`` per images, backbone, weights, size, input normalisation and seed, and reused by a
+later run on the same (``baselines_cached``; ``--fresh-baselines`` recomputes them).
 """
 from __future__ import annotations
 
@@ -292,6 +297,21 @@ def markdown(lines: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def child_row(args, name: str, folder: Path, extra: dict, work: Path) -> dict:
+    """One dataset's line (work folder ``work / name``) from a fresh ``bench/suite.py --child`` process: its
+    own peak RSS; the child's progress goes to this process's stderr."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--data", f"{name}={folder}", "--datasets", "",
+           "--params", args.params, "--work", str(work), "--layouts", args.layouts]
+    cmd += [f"--set={kv}" for kv in args.set] + [f"--set={k}={v}" for k, v in extra.items()]
+    cmd += [f for f, on in (("--no-baselines", args.no_baselines), ("--fresh-baselines", args.fresh_baselines),
+                            ("--verbose", args.verbose)) if on]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env={**os.environ}).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    if len(rows) != 1:
+        raise SystemExit(f"suite: the child run of {name} printed {len(rows)} lines, expected 1")
+    return rows[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated names (default: all)")
@@ -309,6 +329,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="224")
     ap.add_argument("--markdown", action="store_true", help="also print the lines as a markdown table (stderr)")
     ap.add_argument("--from-jsonl", help="only print the markdown table of an earlier run's output")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every dataset in this process (default: each in a fresh child process, so each "
+                         "line's peak_rss_mb is that dataset's own)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     if args.from_jsonl:
@@ -337,13 +361,16 @@ def main() -> None:
             extra = {} if combo is None else {"train.backbone": combo[0], "train.image_size": combo[1]}
             tag = name if combo is None else f"{name}-{combo[0]}-{combo[1]}"
             t0 = time.perf_counter()
-            row = run_dataset(name, folder, args.params, {**overrides, **extra}, work / tag,
-                              baselines=not args.no_baselines,
-                              baseline_cache=None if args.fresh_baselines else layouts / "baselines")
+            if args.in_process or args.child:
+                row = run_dataset(name, folder, args.params, {**overrides, **extra}, work / tag,
+                                  baselines=not args.no_baselines,
+                                  baseline_cache=None if args.fresh_baselines else layouts / "baselines")
+            else:
+                row = child_row(args, tag, folder, extra, work)
             row["seconds"] = round(time.perf_counter() - t0, 1)
             lines.append(row)
             print(json.dumps(row), flush=True)
-    if not args.table:
+    if not args.table and not args.child:
         print(json.dumps(summary(lines)), flush=True)
     if args.markdown:
         print(markdown(lines), file=sys.stderr)

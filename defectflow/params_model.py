@@ -69,7 +69,7 @@ class TrainParams(_Strict):
     score_from: Literal["image", "conv", "fused"] = Field("fused", description=(
         "head both: the image score that is thresholded: one head's, or fused = weighted mean of both heads' "
         "scores, each standardised on good validation images (a single head scores alone)"))
-    image_weight: float = Field(0.3, ge=0.0, le=1.0, description=(
+    image_weight: float = Field(0.2, ge=0.0, le=1.0, description=(
         "score_from fused: the image head's weight (the conv head's is 1 - it), recorded in fusion.json"))
     conv: ConvHeadParams = ConvHeadParams()
     backbone: Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "squeezenet1_1", "alexnet",

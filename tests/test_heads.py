@@ -165,9 +165,10 @@ def test_fused_score_is_the_weighted_mean_of_standardised_head_scores(both, tmp_
     params = _params(head="both", score_from="fused")
     df = read_manifest(inp / "manifest.parquet", SYNTH)
     got = score_items(df[df.split == "test"], root / "model", params)
-    assert fusion["weights"] == {"image": 0.3, "conv": 0.7}             # train.image_weight, recorded
+    w = params.train.image_weight
+    assert w != 0.5 and fusion["weights"] == pytest.approx({"image": w, "conv": 1 - w})   # recorded
     z = {h: (got[HEADS[h]] - v["mean"]) / v["std"] for h, v in fusion["heads"].items()}
-    assert np.allclose(got["score"], 0.3 * z["image"] + 0.7 * z["conv"])
+    assert np.allclose(got["score"], w * z["image"] + (1 - w) * z["conv"])
     unweighted = tmp_path / "unweighted"                               # folders written before weights: equal
     unweighted.mkdir()
     for f in (root / "model").iterdir():
