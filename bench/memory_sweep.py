@@ -5,7 +5,7 @@
 Extracts the backbone maps of the good train images and the test images once, builds each memory
 (``defectflow.density.memory``: greedy coreset of the training patches), and prints one JSON line per
 size: the image AUROC of the memory distance at every cell (``all``: PatchCore) and at the conv map's
-``k`` highest inner cells (the pipeline's score for ``maps.verify_cells: k``), and the fit time.
+``k`` highest inner cells (the pipeline's score for ``maps.verify_share`` giving ``k`` cells), and the fit time.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ Images/s on preloaded 224 px images (the first ``--n`` test images of the bench'
 pipeline scores, 1 and 4 rotations) and their ratio to the backbone, and each step alone:
 ``prepare`` (resize / rotate into the input batch), ``conv_head`` (the conv density model in ORT
 on the maps), ``maps`` (levels combined and blurred on the map grid, one map per image),
-``upsample`` (grid -> image size: only when maps are kept or boxed), ``image_head`` (density.onnx).
+``upsample`` (grid -> image size: only when maps are kept or boxed), ``image_head`` (density.onnx),
+``verify`` (the patch memory's distances at the ``maps.verify_share`` highest cells, their features included).
 """
 from __future__ import annotations
 
@@ -71,8 +72,12 @@ def main() -> None:
         out["maps"] = _rate(n, lambda: combine_levels(nll, size, params.maps.sigma))
         grid = combine_levels(nll, size, params.maps.sigma)
         out["upsample"] = _rate(n, lambda: to_image_size(grid, size))
+        if heads.conv.memory is not None:
+            chosen = nll if heads.conv.map_levels(params) is None else [nll[i] for i in heads.conv.map_levels(params)]
+            out["verify"] = _rate(n, lambda: heads.conv.verified_scores(maps, chosen, params.maps.verify_share,
+                                                                        params.maps.border))
     out["ms_per_image"] = {k: round(1000 / v, 2) for k, v in out.items()
-                           if k in ("backbone", "prepare", "image_head", "conv_head", "maps", "upsample")}
+                           if k in ("backbone", "prepare", "image_head", "conv_head", "maps", "upsample", "verify")}
     print(json.dumps(out))
 
 

@@ -130,7 +130,7 @@ class ConvHead:
         shown = self.map_levels(params)
         chosen = nll if shown is None else [nll[i] for i in shown]
         grid = combine_levels(chosen, size, mp.sigma)          # on the map grid; upsampled only when needed
-        cols = {"score_conv": (self.verified_scores(feature_maps, chosen, mp.verify_cells, mp.border)
+        cols = {"score_conv": (self.verified_scores(feature_maps, chosen, mp.verify_share, mp.border)
                                if self.memory is not None else cell_scores(chosen, mp.score, mp.top_fraction, mp.border)),
                 "map_mean": grid.reshape(len(grid), -1).mean(axis=1).astype(np.float64)}
         amaps = to_image_size(grid, size) if keep or map_threshold is not None else None
@@ -140,19 +140,20 @@ class ConvHead:
                                        np.int64)
         return (amaps if keep else None), cols
 
-    def verified_scores(self, feature_maps: Sequence[np.ndarray], chosen: Sequence[np.ndarray], k: int,
+    def verified_scores(self, feature_maps: Sequence[np.ndarray], chosen: Sequence[np.ndarray], share: float,
                         border: int) -> np.ndarray:
-        """The largest patch-memory distance over each image's ``k`` highest cells (without ``border`` cells
-        at each edge) of the map of the ``chosen`` groups; patch features are computed at those cells only."""
+        """The largest patch-memory distance over each image's ``share`` highest cells (without ``border`` cells
+        at each edge; :func:`~defectflow.density.memory.verify_count`) of the map of the ``chosen`` groups;
+        patch features are computed at those cells only."""
         from defectflow.anomaly_maps import cell_map, inner
-        from defectflow.density.memory import patch_vectors
+        from defectflow.density.memory import patch_vectors, verify_count
 
         cells = cell_map(chosen)
         n, h, w = cells.shape
         core = inner(cells, border)
         b = (h - core.shape[1]) // 2
         flat = core.reshape(n, -1)
-        k = max(1, min(int(k), flat.shape[1]))
+        k = verify_count(share, flat.shape[1])
         top = np.argpartition(-flat, k - 1, axis=1)[:, :k] if k < flat.shape[1] else np.tile(np.arange(k), (n, 1))
         ys, xs = np.divmod(top, core.shape[2])
         q = patch_vectors(feature_maps, ys + b, xs + b, self.model.config.local_average, (h, w))

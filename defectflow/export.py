@@ -14,7 +14,7 @@ then every head of the model folder:
 - conv head: the unrotated pass's maps -> per-position NLL per channel -> bilinear resampling to
   the map grid (three samples per finest-level cell) -> mean over levels -> Gaussian blur
   (``maps.sigma``, scaled to the grid) -> image score -> ``score_conv (N,)`` (with a patch memory: the
-  largest memory distance over the ``maps.verify_cells`` highest unblurred cells; else ``maps.score``); the
+  largest memory distance over the ``maps.verify_share`` highest unblurred cells; else ``maps.score``); the
   same over ``maps.levels``, upsampled to ``S`` -> ``anomaly_map (N, S, S)``
 
 and ``score (N,)``, the score the threshold in ``threshold.json`` applies to: ``train.score_from``'s
@@ -96,7 +96,7 @@ class FullScorer(nn.Module):
             self.shown = heads.conv.map_levels(params)
             self.map_score, self.top_fraction, self.sigma = mp.score, mp.top_fraction, float(mp.sigma)
             self.border = int(mp.border)
-            self.verify_cells = int(mp.verify_cells)
+            self.verify_share = float(mp.verify_share)
             self.local_average = int(heads.conv.model.config.local_average)
             memory = heads.conv.memory
             self.register_buffer("memory", None if memory is None else torch.from_numpy(memory.bank.copy()))
@@ -147,8 +147,8 @@ class FullScorer(nn.Module):
 
     def _verified_score(self, cells: torch.Tensor, maps: list[torch.Tensor]) -> torch.Tensor:
         """:meth:`defectflow.conv_head.ConvHead.verified_scores`: the largest distance to the patch memory over
-        the ``verify_cells`` highest inner cells."""
-        from defectflow.density.memory import patch_maps
+        the ``verify_share`` highest inner cells."""
+        from defectflow.density.memory import patch_maps, verify_count
 
         h, w = int(cells.shape[1]), int(cells.shape[2])
         b = min(self.border, (h - 1) // 2, (w - 1) // 2)
@@ -156,7 +156,7 @@ class FullScorer(nn.Module):
         if b > 0:
             patches = patches[:, :, b:h - b, b:w - b]
         inner = self._inner(cells).flatten(1)                               # (N, P)
-        k = max(1, min(self.verify_cells, int(inner.shape[1])))
+        k = verify_count(self.verify_share, int(inner.shape[1]))
         top = inner.topk(k, dim=1).indices                                  # (N, k)
         feats = patches.flatten(2)                                          # (N, C, P)
         q = feats.gather(2, top.unsqueeze(1).expand(-1, feats.shape[1], -1)).transpose(1, 2)   # (N, k, C)

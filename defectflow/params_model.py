@@ -38,7 +38,7 @@ class ConvHeadParams(_Strict):
     weight_decay: float = Field(1e-5, ge=0.0, le=1.0)
     memory: int = Field(8192, ge=0, le=262144, description=(
         "patches in the memory of normal patches (greedy coreset of the training patches) that verifies the "
-        "map's highest cells (maps.verify_cells); 0 = off: the conv image score is the map's maximum"))
+        "map's highest cells (maps.verify_share); 0 = off: the conv image score is the map's maximum"))
 
     @model_validator(mode="after")
     def _conv_ok(self):
@@ -177,8 +177,9 @@ class MapsParams(_Strict):
     border: int = Field(1, ge=0, le=8, description=(
         "cells at each edge left out of the conv image score (zero-padding artefacts of the backbone); 0 = none"))
     top_fraction: float = Field(0.01, gt=0.0, le=1.0, description="score topk: share of the highest pixels averaged")
-    verify_cells: int = Field(32, ge=1, le=4096, description=(
+    verify_share: float = Field(0.01, gt=0.0, le=1.0, description=(
         "with a patch memory (train.conv.memory): the conv image score is the largest distance to the memory "
-        "over this many highest cells of the map (without the border cells)"))
+        "over this share of the map's inner cells, the highest (at least 4: 29 cells at 448 px, 7 at 224): the "
+        "cost follows the grid, as the backbone's does"))
     min_area: float = Field(0.001, gt=0.0, description="smallest box region: fraction of the map (< 1) or pixels (>= 1)")
     confidence: Literal["max", "mean"] = Field("max", description="box confidence: max or mean of the map inside")

@@ -194,9 +194,10 @@ def test_fused_score_is_the_weighted_mean_of_standardised_head_scores(both, tmp_
         score_items(df[df.split == "test"], old, params)
 
 
-def _verified_reference(conv, maps, nll, k, border):
+def _verified_reference(conv, maps, nll, share, border):
     """The conv image score with a patch memory, written out: PatchCore patch features (3 x 3 reflected average,
-    coarse level resized), the ``k`` highest inner cells of the unblurred map, their largest distance to the memory."""
+    coarse level resized), the ``share`` highest inner cells of the unblurred map (at least 4), their largest
+    distance to the memory."""
     import torch
     import torch.nn.functional as F
     from scipy.spatial.distance import cdist
@@ -209,6 +210,7 @@ def _verified_reference(conv, maps, nll, k, border):
         t = F.avg_pool2d(F.pad(torch.from_numpy(m), (1, 1, 1, 1), mode="reflect"), 3, stride=1)
         feats.append(F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False).numpy())
     feats = np.concatenate(feats, axis=1)
+    k = min((h - 2 * border) * (w - 2 * border), max(4, round(share * (h - 2 * border) * (w - 2 * border))))
     out = []
     for i in range(n):
         inner = cells[i, border:h - border, border:w - border]
@@ -234,7 +236,7 @@ def test_both_heads_share_one_backbone_pass_and_onnx_equals_torch(both):
     nll = conv.nll_maps(maps, backend="torch")
     ref = anomaly_maps(nll, (64, 64), params.maps.sigma)
     np.testing.assert_allclose(amaps, ref, rtol=1e-4, atol=1e-4)
-    want = _verified_reference(conv, maps, nll, params.maps.verify_cells, params.maps.border)
+    want = _verified_reference(conv, maps, nll, params.maps.verify_share, params.maps.border)
     np.testing.assert_allclose(shared["score_conv"], want, rtol=1e-4)
     alone = score_items(test, root / "model", _params(head="image"), model=heads.image)
     np.testing.assert_allclose(shared["score_image"], alone["score_image"], rtol=1e-5)
@@ -254,7 +256,7 @@ def test_map_levels_choose_the_shown_map_and_the_conv_score(both):
     nll = heads.conv.nll_maps(heads.conv.extractor(params).extract(test["image_path"].tolist()))
     np.testing.assert_allclose(amaps_fine, anomaly_maps(nll[:1], (64, 64), params.maps.sigma), rtol=1e-4, atol=1e-4)
     maps = heads.conv.extractor(params).extract(test["image_path"].tolist())
-    want = _verified_reference(heads.conv, maps, nll[:1], params.maps.verify_cells, params.maps.border)
+    want = _verified_reference(heads.conv, maps, nll[:1], params.maps.verify_share, params.maps.border)
     np.testing.assert_allclose(b["score_conv"], want, rtol=1e-4)
     no_memory = params.model_copy(update={"maps": params.maps.model_copy(update={"levels": (0,), "score": "max"})})
     heads.conv.memory = None                                   # without a memory: the cells' maximum

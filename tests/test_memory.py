@@ -61,3 +61,10 @@ def test_verify_scores_the_farthest_of_the_query_patches(tmp_path):
         memory.distances(np.zeros((2, 5), np.float32))
     with pytest.raises(ValueError, match="NaN"):
         PatchMemory.fit(np.full((4, 6), np.nan, np.float32), 2)
+
+
+def test_verified_cells_follow_the_grid_with_a_floor():
+    from defectflow.density.memory import verify_count
+    assert verify_count(0.01, 54 * 54) == 29 and verify_count(0.01, 26 * 26) == 7       # 448 px, 224 px inner grids
+    assert verify_count(0.04, 54 * 54) == 117                                           # share of the cells
+    assert verify_count(0.01, 36) == 4 and verify_count(0.5, 3) == 3                    # floor of 4, never above all

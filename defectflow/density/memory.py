@@ -5,7 +5,7 @@ noisy on good images: a rare normal patch can score as high as a small defect. A
 distance to the training patches does not have that noise (Roth et al. 2022, "Towards total recall in
 industrial anomaly detection"), but measuring it at every cell costs far more than the backbone on a
 CPU (about 30x at 448 px). So the conv head proposes and the memory verifies: the image score is the
-largest distance to the memory over the map's ``k`` highest cells (``maps.verify_cells``).
+largest distance to the memory over the map's ``k`` highest cells (``maps.verify_share`` of them: :func:`verify_count`).
 
 Patch features are PatchCore's: every conv level averaged over each position's ``local_average``
 neighbourhood (the conv head's own smoothing), resized to the finest level's grid, concatenated. The
@@ -29,8 +29,15 @@ import torch.nn.functional as F
 from defectflow.density.conv_groups import smooth
 
 PROJECTION_DIM = 128
+MIN_VERIFY_CELLS = 4
 CHUNK = 16384
 OVERSAMPLE = 4          # the chunked first pass keeps this many times the final share
+
+
+def verify_count(share: float, n_cells: int) -> int:
+    """How many of a map's ``n_cells`` (inner) cells the memory verifies: ``share`` of them, at least
+    ``MIN_VERIFY_CELLS`` (and at most all): the verification's cost grows with the grid, as the backbone's."""
+    return int(min(n_cells, max(MIN_VERIFY_CELLS, round(share * n_cells))))
 
 
 def patch_maps(level_maps: Sequence[torch.Tensor], local_average: int, size: tuple[int, int] | None = None) -> torch.Tensor:
