@@ -7,12 +7,11 @@ the whole suite (never per dataset).
 Per folder (a ``bench/suite.py --work DIR`` dataset folder): the backbone maps of the good train
 images, the standardisation part of the good validation images (``val_split.json``) and the test
 images are extracted once; each memory (``--coreset``: ``two_stage``, the library's; ``chunked``: each
-chunk of training patches keeps its share, as the kNN baseline's) is fitted and timed; the memory
-distance is computed at every inner cell. Printed per memory, one JSON line: image AUROC at every
-cell (``all``, PatchCore's score) and at the ``k`` highest cells of each proposal rule (``map``: the
-conv map of the shown groups, the pipeline's; ``union``: the ``k / G`` highest cells of each group's
-own map), and the fused score (conv head standardised on the same validation images as
-``fusion.json``) at several image-head weights.
+chunk of training patches keeps its share, the kNN baseline's ``greedy_coreset``) is fitted and timed; the
+memory distance is computed at every inner cell. Printed per memory, one JSON line: image AUROC at every
+cell (``all``, PatchCore's score) and at the conv map's ``k`` highest cells (``map<k>``: the pipeline's
+score when ``maps.verify_share`` gives ``k`` cells), and the fused score (conv head standardised on the
+same validation images as ``fusion.json``) at several image-head weights.
 """
 from __future__ import annotations
 
@@ -29,6 +28,9 @@ from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from baselines import greedy_coreset  # noqa: E402
 
 from defectflow.anomaly_maps import cell_map, inner  # noqa: E402
 from defectflow.config import load_params_with  # noqa: E402
@@ -43,38 +45,6 @@ def patches(heads, maps) -> np.ndarray:
     with torch.no_grad():
         return np.concatenate([memlib.patch_maps([torch.from_numpy(m[i:i + 32]) for m in maps], k).numpy()
                                for i in range(0, len(maps[0]), 32)])
-
-
-def chunked_coreset(x: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Each chunk of ``memlib.CHUNK`` shuffled rows keeps its share of ``size`` by greedy k-center (one pass)."""
-    rng = np.random.default_rng(seed)
-    n, d = x.shape
-    w = rng.standard_normal((d, memlib.PROJECTION_DIM)).astype(np.float32) / np.sqrt(memlib.PROJECTION_DIM)
-    order = rng.permutation(n)
-    keep = []
-    for start in range(0, n, memlib.CHUNK):
-        idx = order[start:start + memlib.CHUNK]
-        k = max(1, int(round(size * len(idx) / n)))
-        keep.append(idx[memlib.greedy_kcenter(x[idx] @ w, k, rng)])
-    return np.sort(np.concatenate(keep))
-
-
-def all_distances(bank: np.ndarray, q: np.ndarray, block: int = 8192) -> np.ndarray:
-    """Nearest-memory distance of every row of ``q`` ``(n, C)`` (float32 matrix products in blocks)."""
-    b = torch.from_numpy(bank)
-    bsq = (b * b).sum(1)
-    out = np.empty(len(q), np.float32)
-    for i in range(0, len(q), block):
-        a = torch.from_numpy(np.ascontiguousarray(q[i:i + block]))
-        d = (a * a).sum(1, keepdim=True) - 2.0 * a @ b.T + bsq[None]
-        out[i:i + block] = d.min(1).values.clamp_min(0).sqrt().numpy()
-    return out
-
-
-def group_cells(nll: list[np.ndarray], shape: tuple[int, int]) -> list[np.ndarray]:
-    """Each group's map on the finest grid (as :func:`cell_map` resamples)."""
-    return [cell_map([g]) if g.shape[1:] == shape else
-            cell_map([np.zeros((len(g), *shape), np.float32), g]) * 2 for g in nll]
 
 
 def sweep(work: Path, sizes: list[int], cells: list[int], coresets: list[str], weights: list[float],
@@ -106,40 +76,34 @@ def sweep(work: Path, sizes: list[int], cells: list[int], coresets: list[str], w
         nll = heads.conv.nll_maps(maps, 2)
         shown = heads.conv.map_levels(params)
         chosen = nll if shown is None else [nll[i] for i in shown]
-        per_group = [inner(g, border).reshape(n, -1) for g in group_cells(chosen, (h, w))]
-        parts[name] = {"q": np.ascontiguousarray(q), "map": inner(cell_map(chosen), border).reshape(n, -1),
-                       "groups": per_group}
+        parts[name] = {"q": np.ascontiguousarray(q), "map": inner(cell_map(chosen), border).reshape(n, -1)}
     extract_s = time.perf_counter() - t0
     auc = lambda s: round(float(roc_auc_score(y, s)), 4)  # noqa: E731
     out = []
     for kind in coresets:
         for size in sizes:
             t0 = time.perf_counter()
-            idx = memlib.coreset(flat, size, params.seed) if kind == "two_stage" else chunked_coreset(flat, size, params.seed)
+            idx = (memlib.coreset(flat, size, params.seed) if kind == "two_stage"
+                   else greedy_coreset(flat, size / len(flat), params.seed))
             fit_s = round(time.perf_counter() - t0, 1)
-            bank = np.ascontiguousarray(flat[idx])
-            d = {k: all_distances(bank, v["q"].reshape(-1, v["q"].shape[2])).reshape(v["q"].shape[:2])
+            memory = memlib.PatchMemory(flat[idx])
+            d = {k: memory.distances(v["q"].reshape(-1, v["q"].shape[2])).reshape(v["q"].shape[:2])
                  for k, v in parts.items()}
             row = {"work": work.name, "coreset": kind, "memory": size, "of": len(flat), "fit_s": fit_s,
                    "extract_s": round(extract_s, 1), "image_head": auc(z_image),
                    "conv_map_max": auc(parts["test"]["map"].max(1)), "all": auc(d["test"].max(1))}
 
-            def rule(part: str, how: str, k: int) -> np.ndarray:
-                v, dist = parts[part], d[part]
-                if how == "map":
-                    top = np.argpartition(-v["map"], min(k, v["map"].shape[1] - 1), axis=1)[:, :k]
-                else:
-                    kk = max(1, k // len(v["groups"]))
-                    top = np.concatenate([np.argpartition(-g, kk, axis=1)[:, :kk] for g in v["groups"]], axis=1)
-                return np.take_along_axis(dist, top, 1).max(1)
+            def top_cells(part: str, k: int) -> np.ndarray:
+                cell = parts[part]["map"]
+                top = np.argpartition(-cell, min(k, cell.shape[1] - 1), axis=1)[:, :k]
+                return np.take_along_axis(d[part], top, 1).max(1)
 
-            for how in ("map", "union"):
-                for k in cells:
-                    s_te, s_st = rule("test", how, k), rule("std", how, k)
-                    z = (s_te - s_st.mean()) / max(s_st.std(ddof=1), 1e-12)
-                    row[f"{how}{k}"] = auc(s_te)
-                    for wt in weights:
-                        row[f"{how}{k}_w{wt}"] = auc(wt * z_image + (1 - wt) * z)
+            for k in cells:
+                s_te, s_st = top_cells("test", k), top_cells("std", k)
+                z = (s_te - s_st.mean()) / max(s_st.std(ddof=1), 1e-12)
+                row[f"map{k}"] = auc(s_te)
+                for wt in weights:
+                    row[f"map{k}_w{wt}"] = auc(wt * z_image + (1 - wt) * z)
             s_st = d["std"].max(1)
             z = (d["test"].max(1) - s_st.mean()) / max(s_st.std(ddof=1), 1e-12)
             for wt in weights:

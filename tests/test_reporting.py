@@ -150,10 +150,10 @@ def test_region_features_group_by_the_kind_of_anomaly_not_its_place_or_strength(
 
 
 def test_nearest_matches_brute_force_across_chunks():
-    from defectflow.reporting.region_features import nearest
+    from defectflow.density.memory import PatchMemory
 
     rng = np.random.default_rng(2)
     q, bank = rng.normal(0, 1, (50, 6)), rng.normal(0, 1, (40, 6))
     full = np.linalg.norm(q[:, None] - bank[None], axis=2)
-    dist, idx = nearest(q, bank, chunk=7)
+    dist, idx = PatchMemory(bank).nearest(q, block=7)
     assert (idx == full.argmin(1)).all() and np.allclose(dist, full.min(1), atol=1e-4)

@@ -176,17 +176,24 @@ class PatchMemory:
     def dim(self) -> int:
         return int(self.bank.shape[1])
 
-    def distances(self, queries: np.ndarray, block: int = 4096) -> np.ndarray:
-        """Euclidean distance of each row of ``queries`` ``(n, C)`` to its nearest memory patch."""
+    def nearest(self, queries: np.ndarray, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """Euclidean distance of each row of ``queries`` ``(n, C)`` to its nearest memory patch, and that
+        patch's row in ``bank``."""
         q = np.ascontiguousarray(queries, np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"PatchMemory: queries must be (n, {self.dim}), got {q.shape}")
-        out = np.empty(len(q), np.float32)
+        dist, idx = np.empty(len(q), np.float32), np.empty(len(q), np.int64)
         for i in range(0, len(q), block):
             a = q[i:i + block]
-            near = (np.concatenate([a, np.ones((len(a), 1), np.float32)], axis=1) @ self._folded).min(axis=1)
-            out[i:i + block] = np.sqrt(np.maximum(near + (a * a).sum(1), 0.0))
-        return out
+            part = np.concatenate([a, np.ones((len(a), 1), np.float32)], axis=1) @ self._folded
+            j = part.argmin(axis=1)
+            idx[i:i + block] = j
+            dist[i:i + block] = np.sqrt(np.maximum(part[np.arange(len(a)), j] + (a * a).sum(1), 0.0))
+        return dist, idx
+
+    def distances(self, queries: np.ndarray, block: int = 4096) -> np.ndarray:
+        """Euclidean distance of each row of ``queries`` ``(n, C)`` to its nearest memory patch."""
+        return self.nearest(queries, block)[0]
 
     def verify(self, queries: np.ndarray) -> np.ndarray:
         """Image scores: the largest memory distance over each image's query patches ``(N, k, C)``."""

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from defectflow.density.memory import PatchMemory
+
 LEVELS = (0, 1)
 BANK_MAX = 16384        # passed patches kept for the nearest-neighbour search (random subset above it)
 
@@ -35,21 +37,6 @@ def patch_grid(maps: Sequence[np.ndarray]) -> np.ndarray:
     return grid.flatten(2).transpose(1, 2).contiguous().numpy()
 
 
-def nearest(query: np.ndarray, bank: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Euclidean distance to and index of the nearest ``bank`` row for each ``query`` row."""
-    bank = np.asarray(bank, np.float32)
-    bn = (bank ** 2).sum(1)
-    dist = np.empty(len(query), np.float32)
-    idx = np.empty(len(query), np.int64)
-    for i in range(0, len(query), chunk):
-        q = np.asarray(query[i:i + chunk], np.float32)
-        d2 = (q ** 2).sum(1)[:, None] + bn[None, :] - 2.0 * q @ bank.T
-        j = d2.argmin(1)
-        idx[i:i + chunk] = j
-        dist[i:i + chunk] = np.sqrt(np.maximum(d2[np.arange(len(q)), j], 0.0))
-    return dist, idx
-
-
 def region_features(flag_maps: Sequence[np.ndarray], ref_maps: Sequence[np.ndarray], *,
                     seed: int = 0) -> np.ndarray:
     """Residual features ``(N, C)`` of the flagged items' anomalous regions (module docstring)."""
@@ -63,7 +50,7 @@ def region_features(flag_maps: Sequence[np.ndarray], ref_maps: Sequence[np.ndarr
     bank = (ref - mu) / sd
     if len(bank) > BANK_MAX:
         bank = bank[np.random.default_rng(seed).choice(len(bank), BANK_MAX, replace=False)]
-    dist, idx = nearest(zf.reshape(-1, c), bank)
+    dist, idx = PatchMemory(bank).nearest(zf.reshape(-1, c), block=2048)
     dist, idx = dist.reshape(n, p), idx.reshape(n, p)
     weights = np.exp((dist - dist.max(1, keepdims=True)) / (dist.std(1, keepdims=True) + 1e-6))
     weights /= weights.sum(1, keepdims=True)
