@@ -340,7 +340,7 @@ def pixel_metric(scored: pd.DataFrame, amaps: np.ndarray) -> tuple[float | None,
     use = (lab == "good") | ((lab == "defect") & has)
     size = amaps.shape[1:]
     masks = [load_mask(p, size) if h else None for p, h in zip(paths[use], has[use])]
-    value = pixel_auroc(amaps[use], masks)
+    value = pixel_auroc([amaps[i] for i in np.flatnonzero(use)], masks)       # views: no copy of the maps
     note = None
     if (~has & (lab == "defect")).any():
         note = f"pixel_auroc leaves out {int((~has & (lab == 'defect')).sum())} defective test image(s) without a mask"

@@ -161,8 +161,9 @@ class FullScorer(nn.Module):
         feats = patches.flatten(2)                                          # (N, C, P)
         q = feats.gather(2, top.unsqueeze(1).expand(-1, feats.shape[1], -1)).transpose(1, 2)   # (N, k, C)
         bank = self.memory
-        near = ((bank * bank).sum(-1)[None, None, :] - 2.0 * q @ bank.T).amin(dim=-1)   # as PatchMemory.distances
-        return (near + (q * q).sum(-1)).clamp_min(0.0).sqrt().amax(dim=1)
+        j = ((bank * bank).sum(-1)[None, None, :] - 2.0 * q @ bank.T).argmin(dim=-1)   # as PatchMemory.nearest:
+        diff = q - bank[j]                                                  # the nearest row, its distance direct
+        return (diff * diff).sum(-1).sqrt().amax(dim=1)
 
     def forward(self, image: torch.Tensor):
         n, t = image.shape[0], len(self.quarters)

@@ -166,11 +166,15 @@ def load_heads(model_dir: Path | str) -> Heads:
 
 def score_with_maps(df: pd.DataFrame, model_dir: Path | str, params: Params, *, model=None,
                     progress: bool = False, cache=None, keep_maps: bool = False,
-                    map_threshold: float | None = None, chunk: int = 32) -> tuple[pd.DataFrame, np.ndarray | None]:
+                    map_threshold: float | None = None, chunk: int = 32,
+                    map_sink=None) -> tuple[pd.DataFrame, np.ndarray | None]:
     """Score ``df``'s rows with every head of the model: (a copy of the readable rows with ``score``,
     the :data:`HEADS` columns and the conv head's map summary; the conv head's anomaly maps
     ``(n, H, W)`` of those rows when ``keep_maps`` and the model has a conv head, else None).
     ``model``: a :class:`Heads` or, for the image head alone, a :class:`LoadedModel`.
+    ``map_sink(positions, columns, maps)``: with a conv head, called per batch of ``chunk`` images with
+    their positions in ``df``, their score columns and their anomaly maps, which are then not kept
+    (memory does not grow with the rows).
 
     The image head alone reads the feature cache; with a conv head every image is decoded once and
     goes through one backbone pass per rotation (:meth:`Heads.score_images`), ``chunk`` at a time.
@@ -210,9 +214,12 @@ def score_with_maps(df: pd.DataFrame, model_dir: Path | str, params: Params, *, 
             ok[idx] = True
             if not images:
                 continue
-            got, amaps = heads.score_images(images, params, keep_maps=keep_maps, map_threshold=map_threshold)
+            got, amaps = heads.score_images(images, params, keep_maps=keep_maps or map_sink is not None,
+                                            map_threshold=map_threshold)
             for name, vals in got.items():
                 cols.setdefault(name, []).append(vals)
+            if map_sink is not None:
+                map_sink(np.asarray(idx), got, amaps)
             if keep_maps:
                 kept.append(amaps)
         rows = out.index[ok]

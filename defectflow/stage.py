@@ -8,7 +8,10 @@ only when the stage succeeds, so a failed run leaves the last good output.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +52,33 @@ class StageReport:
     n_out: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    rss_mb: tuple[int, int] | None = None     # the process's memory when the stage ended: (now, peak so far)
 
     def summary(self) -> str:
+        mem = f"; memory {self.rss_mb[0]} MB, peak {self.rss_mb[1]} MB" if self.rss_mb else ""
         return (f"{self.stage}: read {', '.join(self.read) or '-'} ({self.n_in} rows); "
-                f"wrote {', '.join(self.wrote) or '-'} ({self.n_out} rows) in {self.seconds:.1f}s")
+                f"wrote {', '.join(self.wrote) or '-'} ({self.n_out} rows) in {self.seconds:.1f}s{mem}")
+
+
+def process_memory_mb() -> tuple[int, int]:
+    """This process's resident memory now and its peak so far, MB (Linux and macOS; now = peak elsewhere)."""
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_kb / 1024 if sys.platform != "darwin" else peak_kb / 1024 / 1024
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        now = peak
+    return round(now), round(peak)
+
+
+def trim_memory() -> None:
+    """Hand the allocator's free heap pages back to the system (glibc ``malloc_trim``, as Dask's workers do;
+    nothing elsewhere): a long run that allocates and frees large arrays otherwise keeps its high-water mark."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def logger(stage: str) -> logging.Logger:
@@ -72,6 +98,7 @@ def stage_run(stage: str, out_dir: Path | str) -> Iterator[tuple[StageOutput, St
         if not report.wrote:
             report.wrote.append(str(out_dir / MANIFEST))
     report.seconds = time.perf_counter() - t0
+    report.rss_mb = process_memory_mb()
     for note in report.notes:
         log.info("%s: %s", stage, note)
     log.info(report.summary())

@@ -13,8 +13,8 @@ runner ``scale`` names (threads or Dask). The centre views of every chunk are th
 ``scale.unit_images`` views, one task each through the same runner (the same scores whatever the runner),
 into one report
 ``OUT/report/report.html`` + ``report.pdf`` (evaluate's without the label-based parts) and the Prefect
-artifacts ``score-<line>-summary``, ``-metrics``, ``-flagged`` (the report holds the views' maps: its
-memory grows with the views scored, about 30 kB a view on the map grid).
+artifacts ``score-<line>-summary``, ``-metrics``, ``-flagged``. The parts return scores and the flagged
+views' boxes, no anomaly maps (the report draws the few it shows again), so memory does not grow with the views.
 """
 from __future__ import annotations
 
@@ -45,22 +45,22 @@ from tasks.units import mapper_for, task_runner  # noqa: E402
 
 
 @task(name="score-part", cache_policy=NO_CACHE, retry_delay_seconds=2, retry_condition_fn=transient_io)
-def score_part_task(params: dict, rows: pd.DataFrame, model_dir: str, map_threshold: float | None):
-    """Score one part of the centre views (``score_run.score_part``): (scored rows, anomaly maps)."""
+def score_part_task(params: dict, rows: pd.DataFrame, model_dir: str, map_threshold: float | None, threshold: float):
+    """Score one part of the centre views (``score_run.score_part``): (scored rows, the flagged views' boxes)."""
     from defectflow.reporting.score_run import score_part
 
-    return score_part(params_from_dict(params, "score params"), rows, model_dir, map_threshold)
+    return score_part(params_from_dict(params, "score params"), rows, model_dir, map_threshold, threshold)
 
 
 def _mapped_scorer(base: dict, params, model_dir: str, timing: dict):
     """Score the centre views in parts of ``scale.unit_images`` rows, one task each through the flow's runner."""
     from defectflow.reporting.score_run import merge_scored
 
-    def scorer(centre: pd.DataFrame, map_threshold: float | None):
+    def scorer(centre: pd.DataFrame, map_threshold: float | None, threshold: float):
         t0 = time.perf_counter()
         parts = row_parts(centre, params.scale.unit_images) or [centre]
         futures = [score_part_task.with_options(task_run_name=f"score:{k}", retries=params.scale.retries)
-                   .submit(base, part, model_dir, map_threshold) for k, part in enumerate(parts)]
+                   .submit(base, part, model_dir, map_threshold, threshold) for k, part in enumerate(parts)]
         merged = merge_scored([f.result() for f in futures])
         timing.update(score_s=round(time.perf_counter() - t0, 2), score_parts=len(parts))
         return merged

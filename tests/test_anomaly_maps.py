@@ -81,6 +81,27 @@ def test_pixel_auroc_counts_good_images_as_all_zero_masks():
         pixel_auroc(maps, [mask])
 
 
+def test_pixel_auroc_streamed_in_bins_matches_the_exact_value():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(4)
+    maps = rng.gamma(2.0, 1.0, (12, 32, 32)).astype(np.float32)
+    masks = [None] * 12
+    for i in range(0, 12, 3):                      # four defective images: a brighter blob
+        m = np.zeros((32, 32), bool)
+        y, x = rng.integers(4, 24, 2)
+        m[y:y + 6, x:x + 5] = True
+        maps[i][m] += rng.uniform(0.5, 3.0)
+        masks[i] = m
+    maps[5, :4, :4] = 0.0                          # ties too
+    y = np.stack([np.zeros((32, 32), bool) if m is None else m for m in masks])
+    exact = roc_auc_score(y.ravel(), maps.ravel())
+    assert 0.6 < exact < 0.99
+    assert pixel_auroc(maps, masks) == pytest.approx(exact, abs=1e-4)
+    assert pixel_auroc(list(maps), masks) == pixel_auroc(maps, masks)
+    assert abs(pixel_auroc(maps, masks, bins=16) - exact) > 1e-4        # the bins are what makes it exact enough
+
+
 def test_load_mask_resizes_and_none_is_empty(tmp_path):
     m = np.zeros((100, 100), np.uint8)
     m[10:60, 20:40] = 255

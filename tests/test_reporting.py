@@ -115,7 +115,7 @@ def test_product_tiles_show_every_camera_crop_in_its_colours(tmp_path):
 
 
 def test_region_features_group_by_the_kind_of_anomaly_not_its_place_or_strength():
-    from defectflow.reporting.region_features import patch_grid, region_features
+    from defectflow.reporting.region_features import RegionReference, patch_grid, region_features
 
     rng = np.random.default_rng(1)
     kinds = rng.normal(0, 1, (2, 2, 12))                  # per kind: an offset of level 0 and of level 1
@@ -147,6 +147,10 @@ def test_region_features_group_by_the_kind_of_anomaly_not_its_place_or_strength(
     assert fam.adjusted_rand(truth, fam.cluster_families(pooled, ref_pooled, seed=0, k=2, picture=False).labels) < 0.3
     with pytest.raises(ValueError, match="passed"):
         region_features(flag, [m[:0] for m in ref])
+    # the report reads flagged items in chunks against one reference: the same features
+    reference = RegionReference(ref)
+    chunked = np.concatenate([reference.features([m[a:a + 5] for m in flag]) for a in range(0, 16, 5)])
+    assert np.allclose(chunked, feats, atol=1e-5)
 
 
 def test_nearest_matches_brute_force_across_chunks():

@@ -178,7 +178,8 @@ class PatchMemory:
 
     def nearest(self, queries: np.ndarray, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """Euclidean distance of each row of ``queries`` ``(n, C)`` to its nearest memory patch, and that
-        patch's row in ``bank``."""
+        patch's row in ``bank``. The product finds the nearest row; its distance is then computed directly
+        (no cancellation, and the same bits whatever BLAS's thread count: threads and Dask workers agree)."""
         q = np.ascontiguousarray(queries, np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"PatchMemory: queries must be (n, {self.dim}), got {q.shape}")
@@ -188,7 +189,8 @@ class PatchMemory:
             part = np.concatenate([a, np.ones((len(a), 1), np.float32)], axis=1) @ self._folded
             j = part.argmin(axis=1)
             idx[i:i + block] = j
-            dist[i:i + block] = np.sqrt(np.maximum(part[np.arange(len(a)), j] + (a * a).sum(1), 0.0))
+            diff = a - self.bank[j]
+            dist[i:i + block] = np.sqrt((diff * diff).sum(1))
         return dist, idx
 
     def distances(self, queries: np.ndarray, block: int = 4096) -> np.ndarray:

@@ -44,7 +44,7 @@ class ReportInputs:
     scored: pd.DataFrame
     verdicts: pd.DataFrame
     metrics: dict | None = None
-    amaps: np.ndarray | None = None
+    amaps: np.ndarray | dict | None = None       # aligned with scored, or item_id -> map of the shown views
     boxes: pd.DataFrame | None = None
     plots: dict = field(default_factory=dict)  # title -> PNG bytes
     videos: list = field(default_factory=list)  # annotated video files, in out_dir/videos
@@ -99,6 +99,9 @@ def family_section(inp: ReportInputs, labelled: bool) -> tuple[dict | None, str]
     if len(flagged) < fam.MIN_ITEMS:
         return None, f"Too few flagged images to group ({len(flagged)}; at least {fam.MIN_ITEMS})."
     t0 = time.perf_counter()
+    n_flagged, sampled = len(flagged), len(flagged) > fam.MAX_ITEMS
+    if sampled:
+        flagged = flagged.sample(fam.MAX_ITEMS, random_state=inp.params.seed).sort_index().reset_index(drop=True)
     passed = s[~s["pred_defect"].astype(bool)]
     passed = passed.sample(min(len(passed), 200), random_state=inp.params.seed)
     got = fam.item_features(flagged["image_path"], passed["image_path"], inp.model_dir, inp.params)
@@ -123,7 +126,10 @@ def family_section(inp: ReportInputs, labelled: bool) -> tuple[dict | None, str]
                          "examples": [e for e in (thumbnail(p, 90) for p in sub["image_path"].head(EXAMPLES_PER_FAMILY))
                                       if e]})
     log.info("defect families: %d flagged images, k = %d, in %.1f s", len(flagged), result.k, time.perf_counter() - t0)
-    return {"rule": fam.__doc__.split("Rule: ")[1].split("\n\n")[0].replace("\n", " "), "k": result.k,
+    rule = fam.__doc__.split("Rule: ")[1].split("\n\n")[0].replace("\n", " ")
+    if sampled:
+        rule += f" Grouped: a seeded sample of {fam.MAX_ITEMS} of the {n_flagged} flagged images."
+    return {"rule": rule, "k": result.k,
             "silhouettes": result.silhouettes, "ari": ari, "n": int(len(flagged)), "clusters": clusters,
             "members": [{"item_id": str(i), "family": int(c) + 1} for i, c in zip(flagged["item_id"], result.labels)],
             "scatter": _b64(scatter_plot(result.xy, result.labels, "flagged images, t-SNE of their region features"))}, ""

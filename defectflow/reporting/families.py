@@ -15,6 +15,7 @@ import numpy as np
 MAX_COMPONENTS = 10
 K_RANGE = (2, 8)
 MIN_ITEMS = 4
+MAX_ITEMS = 2000       # flagged images grouped per report (a seeded sample above it: t-SNE's cost)
 
 
 @dataclass
@@ -70,23 +71,37 @@ def adjusted_rand(true_types, labels) -> float | None:
     return float(adjusted_rand_score(t.astype(str), labels)) if len(t) >= 2 else None
 
 
-def item_features(flag_paths, ref_paths, model_dir, params) -> tuple[np.ndarray, np.ndarray] | None:
+def item_features(flag_paths, ref_paths, model_dir, params, chunk: int = 16) -> tuple[np.ndarray, np.ndarray] | None:
     """Region features (N, C) of the readable flagged image files against the passed ones, with the
     backbone settings of the model's image head, and the (N,) readable mask of ``flag_paths``;
-    None when the model has no image head or no passed image is readable."""
+    None when the model has no image head or no passed image is readable. The flagged images are read
+    ``chunk`` at a time, so memory does not grow with their number (only the (N, C) features do)."""
     from pathlib import Path
 
     from defectflow.conv_head import extract_maps, map_extractor
-    from defectflow.reporting.region_features import LEVELS, region_features
+    from defectflow.reporting.region_features import LEVELS, RegionReference
     from defectflow.scoring import MODEL_FILE, load_model
+    from defectflow.stage import trim_memory
 
     if not (Path(model_dir) / MODEL_FILE).is_file():
         return None
     model = load_model(model_dir)
     fx = model.extractor(params)                           # checks the backbone weights are the training ones
     mx = map_extractor({**model.features, "levels": list(LEVELS), "input_norm": fx.input_norm}, params)
-    flag_maps, ok, _ = extract_maps(mx, list(flag_paths), on_bad_image="skip", desc="family maps")
     ref_maps, ref_ok, _ = extract_maps(mx, list(ref_paths), on_bad_image="skip", desc="family maps")
-    if not ok.any() or not ref_ok.any():
+    if not ref_ok.any():
         return None
-    return region_features(flag_maps, ref_maps, seed=params.seed), ok
+    reference = RegionReference(ref_maps, seed=params.seed)
+    del ref_maps
+    trim_memory()
+    flag_paths = list(flag_paths)
+    feats, oks = [], []
+    for a in range(0, len(flag_paths), chunk):
+        maps, ok, _ = extract_maps(mx, flag_paths[a:a + chunk], on_bad_image="skip", desc="family maps")
+        oks.append(ok)
+        if ok.any():
+            feats.append(reference.features(maps))
+    ok = np.concatenate(oks) if oks else np.zeros(0, bool)
+    if not ok.any():
+        return None
+    return np.concatenate(feats), ok

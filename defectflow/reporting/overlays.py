@@ -52,11 +52,13 @@ def camera_views(scored: pd.DataFrame, product_ids: list[str]) -> dict[str, list
     return out
 
 
-def product_tiles(scored: pd.DataFrame, verdicts: pd.DataFrame, amaps: np.ndarray | None, boxes: pd.DataFrame,
-                  conv_info: dict | None, params, gradient_model: Path | None = None) -> tuple[dict, str]:
+def product_tiles(scored: pd.DataFrame, verdicts: pd.DataFrame, amaps: "np.ndarray | dict | None",
+                  boxes: pd.DataFrame, conv_info: dict | None, params,
+                  gradient_model: Path | None = None) -> tuple[dict, str]:
     """(product -> [{camera, score, flagged, crop, overlay}], overlay title) for the flagged products shown:
     every camera's crop and, with a conv head, its heat map + boxes (one colour range for all: the
-    threshold stage's ``vmin``/``vmax``), and/or the image head's gradient map, side by side."""
+    threshold stage's ``vmin``/``vmax``), and/or the image head's gradient map, side by side.
+    ``amaps``: the maps aligned with ``scored``'s rows, or item_id -> map (at least the shown views)."""
     if amaps is not None or gradient_model is not None:
         from defectflow.anomaly_maps import Box, draw_boxes, load_rgb, overlay
     else:                                                   # crops only: no torch import
@@ -64,7 +66,7 @@ def product_tiles(scored: pd.DataFrame, verdicts: pd.DataFrame, amaps: np.ndarra
             return read_image(path, cv2.IMREAD_COLOR)           # only checked for readability here
 
     views = camera_views(scored, flagged_ids(verdicts, params.evaluate.max_report_images))
-    pos = {item: i for i, item in enumerate(scored["item_id"])}
+    maps_of = amaps if isinstance(amaps, dict) or amaps is None else dict(zip(scored["item_id"], amaps))
     loaded = []
     for pid, recs in views.items():
         for rec in recs:
@@ -87,11 +89,11 @@ def product_tiles(scored: pd.DataFrame, verdicts: pd.DataFrame, amaps: np.ndarra
         if img is not None:
             tile["crop"] = thumbnail(rec["image_path"])
             tiles = []
-            if amaps is not None and rec["item_id"] in pos:
+            if maps_of is not None and rec["item_id"] in maps_of:
                 mine = boxes[boxes["item_id"] == rec["item_id"]]
                 bx = [Box(*(int(r[c]) for c in ("x0", "y0", "x1", "y1")), float(r["confidence"]),
                           float(r["score_max"]), float(r["score_mean"]), int(r["area"])) for _, r in mine.iterrows()]
-                tiles.append(draw_boxes(overlay(img, amaps[pos[rec["item_id"]]], conv_info["vmin"], conv_info["vmax"]),
+                tiles.append(draw_boxes(overlay(img, maps_of[rec["item_id"]], conv_info["vmin"], conv_info["vmax"]),
                                         bx))
             if grads is not None:
                 g = next(grads)

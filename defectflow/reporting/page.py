@@ -25,7 +25,7 @@ CSS = """
 
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<title>defectflow {{ kind }} report</title><style>{{ css }}</style></head><body>
+<title>defectflow {{ kind }} report</title><style>{{ css|safe }}</style></head><body>
 <h1>Defect inspection report{% if line %} &middot; {{ line }}{% endif %}</h1>
 <p class="sub">{{ kind }} run &middot; generated {{ generated }} &middot; threshold {{ "%.4g"|format(qa.threshold) }}
  &middot; model {{ card.model_version or "n/a" }}</p>

@@ -37,22 +37,37 @@ def patch_grid(maps: Sequence[np.ndarray]) -> np.ndarray:
     return grid.flatten(2).transpose(1, 2).contiguous().numpy()
 
 
+class RegionReference:
+    """The passed items' patches (standardisation and the nearest-neighbour bank) that flagged items'
+    region features are measured against; ``features`` takes the flagged items in any number of chunks
+    (each item's features depend only on it and the reference, so chunks give the same answer)."""
+
+    def __init__(self, ref_maps: Sequence[np.ndarray], seed: int = 0):
+        xr = patch_grid(ref_maps)
+        if len(xr) < 1:
+            raise ValueError("region features need at least one passed (reference) item")
+        ref = xr.reshape(-1, xr.shape[2])
+        self.mu, self.sd = ref.mean(0), ref.std(0) + 1e-6
+        bank = (ref - self.mu) / self.sd
+        if len(bank) > BANK_MAX:
+            bank = bank[np.random.default_rng(seed).choice(len(bank), BANK_MAX, replace=False)]
+        self.bank = bank
+        self.memory = PatchMemory(bank)
+
+    def features(self, flag_maps: Sequence[np.ndarray]) -> np.ndarray:
+        """Residual features ``(N, C)`` of these flagged items' anomalous regions (module docstring)."""
+        xf = patch_grid(flag_maps)
+        n, p, c = xf.shape
+        zf = (xf - self.mu) / self.sd
+        dist, idx = self.memory.nearest(zf.reshape(-1, c), block=2048)
+        dist, idx = dist.reshape(n, p), idx.reshape(n, p)
+        weights = np.exp((dist - dist.max(1, keepdims=True)) / (dist.std(1, keepdims=True) + 1e-6))
+        weights /= weights.sum(1, keepdims=True)
+        pooled = np.einsum("np,npc->nc", weights, zf - self.bank[idx])
+        return pooled / (np.linalg.norm(pooled, axis=1, keepdims=True) + 1e-9)
+
+
 def region_features(flag_maps: Sequence[np.ndarray], ref_maps: Sequence[np.ndarray], *,
                     seed: int = 0) -> np.ndarray:
     """Residual features ``(N, C)`` of the flagged items' anomalous regions (module docstring)."""
-    xf, xr = patch_grid(flag_maps), patch_grid(ref_maps)
-    if len(xr) < 1:
-        raise ValueError("region features need at least one passed (reference) item")
-    n, p, c = xf.shape
-    ref = xr.reshape(-1, c)
-    mu, sd = ref.mean(0), ref.std(0) + 1e-6
-    zf = (xf - mu) / sd
-    bank = (ref - mu) / sd
-    if len(bank) > BANK_MAX:
-        bank = bank[np.random.default_rng(seed).choice(len(bank), BANK_MAX, replace=False)]
-    dist, idx = PatchMemory(bank).nearest(zf.reshape(-1, c), block=2048)
-    dist, idx = dist.reshape(n, p), idx.reshape(n, p)
-    weights = np.exp((dist - dist.max(1, keepdims=True)) / (dist.std(1, keepdims=True) + 1e-6))
-    weights /= weights.sum(1, keepdims=True)
-    pooled = np.einsum("np,npc->nc", weights, zf - bank[idx])
-    return pooled / (np.linalg.norm(pooled, axis=1, keepdims=True) + 1e-9)
+    return RegionReference(ref_maps, seed=seed).features(flag_maps)
