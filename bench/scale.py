@@ -2,7 +2,7 @@
 the score flow's images/s; peak RSS of frames..roi and of the score flow at 1x and 10x the demo's videos
 (issue 14). Prints one JSON line.
 
-    python bench/scale.py [--size small|tiny] [--workdir DIR] [--skip-stages]
+    python bench/scale.py [--size small|tiny] [--workdir DIR] [--skip-stages] [--score-20x]
 
 The score flow needs a model: the bench trains a small one first in its scratch project (frames..threshold
 with ``SMALL_TRAIN``; ``evaluate.video`` off, so the score flow's report annotates no videos), then runs
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="small", choices=["tiny", "small"])
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--skip-stages", action="store_true", help="only the score flow measurements")
+    ap.add_argument("--score-20x", action="store_true",
+                    help="also the score flow's peak RSS at 20x (memory flat once the report's caps are full)")
     args = ap.parse_args(argv)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="df-scale-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -170,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         s_dask = measure_score(proj, env, {**sc, "runner": "dask"}, src, "data/score-dask")
         same = same_scores(proj, "data/score-threads", "data/score-dask")
         s_x10 = measure_score(proj, env, {**sc, "runner": "threads"}, x10_src, "data/score-x10")
+        if args.score_20x:
+            s_x20 = measure_score(proj, env, {**sc, "runner": "threads"}, repeat_source(src, root / "demo_x20", 20),
+                                  "data/score-x20")
+            out.update({"score_rss_20x_mb": s_x20["peak_rss_mb"], "score_20x": s_x20})
     out.update({"score_threads": s_threads, "score_dask2": s_dask, "score_same_scores": same,
                 "score_dask_over_threads": round(s_dask["images_per_s"] / s_threads["images_per_s"], 2),
                 "score_rss_1x_mb": s_threads["peak_rss_mb"], "score_rss_10x_mb": s_x10["peak_rss_mb"],

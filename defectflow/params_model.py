@@ -27,7 +27,7 @@ class ConvHeadParams(_Strict):
         "beta: positions weighted by p^-beta in training, so rare normal patches are learnt as well as common "
         "ones (0 = plain maximum likelihood)"))
     n_blocks: int = Field(4, ge=1, le=32)
-    hidden_ratio: float = Field(1.0, gt=0.0, le=8.0, description="subnet hidden channels / level channels")
+    hidden_ratio: float = Field(0.5, gt=0.0, le=8.0, description="subnet hidden channels / level channels")
     kernels: tuple[int, ...] = Field((1,), min_length=1, max_length=8, description="subnet kernels, alternating")
     subnet: Literal["dense", "separable"] = Field("dense", description=(
         "dense: k x k convs; separable: 1 x 1 -> depthwise k x k -> 1 x 1 (k x k context, about 1 x 1 cost)"))
