@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,7 @@ from defectflow.config import load_params_with, parse_sets  # noqa: E402
 from defectflow.manifest import SYNTH, write_manifest  # noqa: E402
 from defectflow.scoring import load_heads, select_rows  # noqa: E402
 from defectflow.sources.images import load_items  # noqa: E402
+from defectflow.stage import process_memory_mb  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
 # name -> (folder, or the layout script and its arguments that build the folder)
@@ -252,13 +252,13 @@ def run_dataset(name: str, folder: Path, params_file: str, overrides: dict, work
            "train_s": round(train_s, 1)}
     out.update(speed(params, items, work / "model"))
     # the model's own peak (train, threshold, evaluate, speed): the baselines below hold every training patch
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out["peak_rss_mb"] = process_memory_mb()[1]
     if baselines:
         out.update(cached_baselines(params, items, work, baseline_cache))
         best = max(out["gauss"], out["knn"])
         out["vs_best_baseline"] = round(out["image_auroc"] - best, 4)
         out["holds"] = bool(out["image_auroc"] >= best - TOLERANCE)
-        out["peak_rss_with_baselines_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        out["peak_rss_with_baselines_mb"] = process_memory_mb()[1]
     return out
 
 

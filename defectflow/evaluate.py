@@ -217,7 +217,7 @@ def run(params: Params, inp: Path, model_dir: Path, threshold_path: Path, out_di
         metrics["heads"] = {h: {"image_auroc": _auroc_of(scored[col], scored["label"])}
                             for h, col in HEADS.items() if col in scored.columns}
         metrics["pixel_auroc"] = None
-        boxes = pd.DataFrame({c: pd.Series(dtype=t) for c, t in BOX_COLUMNS.items()})
+        boxes = empty_boxes()
         if amaps is not None:
             metrics["pixel_auroc"], note = pixel_metric(scored, amaps)
             if note:
@@ -372,6 +372,9 @@ def flagged_boxes(scored: pd.DataFrame, amaps: np.ndarray, map_thr: float, param
             rows.append({"item_id": rec["item_id"], "product_id": rec["product_id"], "camera": rec["camera"],
                          "image_path": rec["image_path"], "label": rec["label"], "defect_type": rec.get("defect_type"),
                          "score": rec["score"], "rank": rank, **b.to_dict()})
-    if not rows:
-        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in BOX_COLUMNS.items()})
-    return pd.DataFrame(rows)[list(BOX_COLUMNS)]
+    return pd.DataFrame(rows)[list(BOX_COLUMNS)] if rows else empty_boxes()
+
+
+def empty_boxes() -> pd.DataFrame:
+    """A boxes table (``BOX_COLUMNS``) with no rows."""
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in BOX_COLUMNS.items()})

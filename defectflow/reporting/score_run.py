@@ -51,23 +51,26 @@ def score_part(params: Params, rows: pd.DataFrame, model_dir: Path | str, map_th
     """Score ``rows`` (index kept) with every head, mark ``pred_defect`` (score >= ``threshold``) and box the
     flagged views at ``map_threshold`` from the conv head's maps, batch by batch: the maps are not kept, so
     memory does not grow with the views. (scored rows, boxes; None without a conv head or map threshold)."""
-    from defectflow.evaluate import flagged_boxes
+    from defectflow.evaluate import empty_boxes, flagged_boxes
     from defectflow.scoring import score_with_maps
 
     heads = _heads(Path(model_dir))
     boxing = heads.conv is not None and map_threshold is not None
-    boxes = [flagged_boxes(rows.iloc[:0], np.zeros((0, 1, 1), np.float32), 0.0, params)] if boxing else []
+    boxes = []
 
     def box_flagged(positions, cols, maps):
-        hit = np.asarray(cols["score"]) >= threshold
+        score = np.asarray(cols["score"])
+        hit = score >= threshold
         if hit.any():
-            sub = rows.iloc[positions[hit]].assign(score=np.asarray(cols["score"])[hit], pred_defect=True)
+            sub = rows.iloc[positions[hit]].assign(score=score[hit], pred_defect=True)
             boxes.append(flagged_boxes(sub, maps[hit], map_threshold, params))
 
     scored, _ = score_with_maps(rows, model_dir, params, model=heads, progress=progress, map_threshold=map_threshold,
                                 map_sink=box_flagged if boxing else None)
     scored["pred_defect"] = scored["score"] >= threshold
-    return scored, (pd.concat(boxes, ignore_index=True) if boxing else None)
+    if not boxing:
+        return scored, None
+    return scored, (pd.concat(boxes, ignore_index=True) if boxes else empty_boxes())
 
 
 def merge_scored(parts: list[Scored]) -> Scored:
